@@ -1,0 +1,1 @@
+//! Translation of Kubernetes `Service` and `EndpointSlice` objects into the model.
