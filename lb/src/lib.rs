@@ -6,9 +6,24 @@
 //! manager whenever a snapshot changes that port, carrying over the state of endpoints that
 //! stay, so counters and health survive configuration changes.
 //!
-//! Hot path: [`Pool::pick`] takes no lock except for ClientIP affinity (a sharded table) and
-//! allocates nothing.
+//! Modules:
+//! - [`balance`]: the selection algorithms, pure functions over a slice.
+//! - [`affinity`]: the ClientIP session-affinity table.
+//! - [`endpoint`]: [`EndpointState`], including passive health (ejection after connect failures).
+//! - [`health`]: active health checking ([`Checks`]), tokio tasks writing into endpoint states.
+//! - [`pool`]: [`Pool`] and [`Lease`].
+//!
+//! An endpoint is *available* when its active check (if any) says healthy and passive health
+//! has not ejected it. Hot path: [`Pool::pick`] takes no lock except for ClientIP affinity (a
+//! sharded table) and allocates nothing except a new affinity entry.
 
+pub mod affinity;
+pub mod balance;
+pub mod endpoint;
+pub mod health;
 pub mod pool;
 
-pub use pool::{EndpointState, Lease, Pool};
+pub use affinity::AffinityTable;
+pub use endpoint::{EndpointHealth, EndpointState};
+pub use health::{Checks, HealthMachine, ProbeError};
+pub use pool::{Lease, Pool};

@@ -1,68 +1,94 @@
-//! [`Pool`], [`EndpointState`] and [`Lease`].
+//! [`Pool`] and [`Lease`] (and a re-export of [`EndpointState`]).
+//!
+//! A pool is immutable once built except for its atomics and its affinity table: the endpoint set
+//! changes by building a new pool with [`Pool::new`] and the old one as `previous`, which carries
+//! over every surviving endpoint's [`EndpointState`], the round-robin cursor and (when the affinity
+//! configuration is unchanged) the ClientIP affinity table.
+//!
+//! Selection ([`Pool::pick`]):
+//! 1. With ClientIP affinity, a live table entry whose endpoint is still in the pool, available
+//!    and not in `tried` wins (and is refreshed).
+//! 2. Otherwise the port's [`Balancing`](ferry_model::Balancing) chooses among the available endpoints not in `tried`
+//!    (see [`crate::balance`]), and the choice is recorded in the affinity table.
+//! 3. **Panic mode** (Envoy's panic threshold, at 0 %): when *no* endpoint of the pool is
+//!    available (all unhealthy or ejected), health information is presumed wrong and steps 1-2
+//!    run over every endpoint not in `tried`. Refusing every connection would turn a broken
+//!    health check into an outage; with panic routing, endpoints that do work still get traffic.
+//!    When at least one endpoint is available but all of those were tried, `pick` returns `None`.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
+    time::Instant,
 };
 
-use ferry_model::{Endpoint, ServicePort};
+use ferry_model::{Endpoint, ServicePort, SessionAffinity};
 
-/// Runtime state of one endpoint, shared by every pool that contains it.
-#[derive(Debug)]
-pub struct EndpointState {
-    /// The endpoint's address.
-    pub addr: SocketAddr,
-    active: AtomicU32,
-    healthy: AtomicBool,
-}
-
-impl EndpointState {
-    /// A fresh, healthy endpoint with no connections.
-    pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, active: AtomicU32::new(0), healthy: AtomicBool::new(true) }
-    }
-
-    /// Connections currently open to this endpoint through Ferry.
-    pub fn active_connections(&self) -> u32 {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    /// Whether the endpoint may be picked now.
-    pub fn is_available(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    /// Records a successful upstream connect.
-    pub fn report_connect_success(&self) {}
-
-    /// Records a failed upstream connect (passive health).
-    pub fn report_connect_failure(&self) {}
-}
+pub use crate::endpoint::{EndpointHealth, EndpointState};
+use crate::{
+    affinity::AffinityTable,
+    balance::{self, ThreadRandom},
+};
 
 /// The endpoints a frontend balances over, with balancer state.
 #[derive(Debug)]
 pub struct Pool {
     port: Arc<ServicePort>,
     endpoints: Box<[Arc<EndpointState>]>,
+    /// Address -> position in `endpoints`.
+    index: HashMap<SocketAddr, usize>,
     cursor: AtomicUsize,
+    affinity: Option<Arc<AffinityTable>>,
+    panics: metrics::Counter,
 }
+
+// === impl Pool ===
 
 impl Pool {
     /// Builds a pool for `port` over `endpoints` (one of the port's categorised sets), reusing
-    /// the state of endpoints that `previous` already had.
+    /// the state of endpoints that `previous` already had, its round-robin position, and its
+    /// affinity table if `port.session_affinity` is unchanged.
     pub fn new(port: Arc<ServicePort>, endpoints: &[Endpoint], previous: Option<&Pool>) -> Self {
-        let endpoints = endpoints
+        let endpoints: Box<[Arc<EndpointState>]> = endpoints
             .iter()
             .map(|e| {
-                previous
-                    .and_then(|p| p.endpoints.iter().find(|s| s.addr == e.addr).cloned())
-                    .unwrap_or_else(|| Arc::new(EndpointState::new(e.addr)))
+                let state = previous
+                    .and_then(|p| p.get(e.addr))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(EndpointState::new(e.addr)));
+                state.configure_passive(port.passive_health);
+                state
             })
             .collect();
-        Self { port, endpoints, cursor: AtomicUsize::new(0) }
+        let mut index = HashMap::with_capacity(endpoints.len());
+        for (i, e) in endpoints.iter().enumerate() {
+            index.entry(e.addr).or_insert(i);
+        }
+        let affinity = match port.session_affinity {
+            SessionAffinity::None => None,
+            SessionAffinity::ClientIp { timeout } => Some(
+                previous
+                    .filter(|p| p.port.session_affinity == port.session_affinity)
+                    .and_then(|p| p.affinity.clone())
+                    .unwrap_or_else(|| Arc::new(AffinityTable::new(timeout))),
+            ),
+        };
+        // Start somewhere random so that many pools do not all send their first connection to
+        // their first endpoint after a restart.
+        let cursor = previous.map_or_else(|| fastrand::usize(..), |p| p.cursor.load(Ordering::Relaxed));
+        let panics = metrics::counter!("ferry_pool_panic_picks_total", "listener" => port.display_name());
+        Self {
+            port,
+            endpoints,
+            index,
+            cursor: AtomicUsize::new(cursor),
+            affinity,
+            panics,
+        }
     }
 
     /// The port this pool serves.
@@ -75,20 +101,82 @@ impl Pool {
         &self.endpoints
     }
 
+    /// The state of the endpoint at `addr`, if it is in the pool.
+    pub fn get(&self, addr: SocketAddr) -> Option<&Arc<EndpointState>> {
+        self.index.get(&addr).map(|&i| &self.endpoints[i])
+    }
+
+    /// The ClientIP affinity table, when the port has ClientIP affinity.
+    pub fn affinity(&self) -> Option<&Arc<AffinityTable>> {
+        self.affinity.as_ref()
+    }
+
+    /// Whether any endpoint is available at `now` (if not, picks run in panic mode).
+    pub fn any_available_at(&self, now: Instant) -> bool {
+        self.endpoints.iter().any(|e| e.is_available_at(now))
+    }
+
     /// Picks an endpoint for a new connection from `client`, skipping those in `tried`.
-    /// `None` when no endpoint is available.
+    /// `None` when every candidate was tried (see the module docs for panic mode).
     pub fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<Lease> {
-        let _ = client;
-        let n = self.endpoints.len();
-        for _ in 0..n {
-            let i = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-            let e = &self.endpoints[i];
-            if e.is_available() && !tried.contains(&e.addr) {
-                e.active.fetch_add(1, Ordering::Relaxed);
-                return Some(Lease { endpoint: e.clone() });
+        self.pick_at(client, tried, Instant::now())
+    }
+
+    /// [`Self::pick`] at `now`.
+    pub fn pick_at(&self, client: IpAddr, tried: &[SocketAddr], now: Instant) -> Option<Lease> {
+        let normal = |e: &Arc<EndpointState>| e.is_available_at(now) && !tried.contains(&e.addr);
+        if let Some(i) = self.choose(client, now, normal) {
+            return Some(self.lease(i));
+        }
+        if self.endpoints.is_empty() || self.any_available_at(now) {
+            return None;
+        }
+        let i = self.choose(client, now, |e: &Arc<EndpointState>| !tried.contains(&e.addr))?;
+        self.panics.increment(1);
+        tracing::debug!(
+            listener = %self.port.display_name(),
+            endpoint = %self.endpoints[i].addr,
+            "no endpoint available; panic mode picks among all endpoints"
+        );
+        Some(self.lease(i))
+    }
+
+    /// Affinity, then balancing, over the endpoints `eligible` accepts.
+    fn choose(
+        &self,
+        client: IpAddr,
+        now: Instant,
+        eligible: impl Fn(&Arc<EndpointState>) -> bool,
+    ) -> Option<usize> {
+        if let Some(table) = &self.affinity {
+            let hit = table.lookup(client, now, |addr| {
+                self.index
+                    .get(&addr)
+                    .copied()
+                    .filter(|&i| eligible(&self.endpoints[i]))
+            });
+            if hit.is_some() {
+                return hit;
             }
         }
-        None
+        let i = balance::select(
+            self.port.balancing,
+            &self.endpoints,
+            &self.cursor,
+            &eligible,
+            |e| e.active_connections(),
+            &mut ThreadRandom,
+        )?;
+        if let Some(table) = &self.affinity {
+            table.record(client, self.endpoints[i].addr, now);
+        }
+        Some(i)
+    }
+
+    fn lease(&self, i: usize) -> Lease {
+        let endpoint = self.endpoints[i].clone();
+        endpoint.acquire();
+        Lease { endpoint }
     }
 }
 
@@ -97,6 +185,8 @@ impl Pool {
 pub struct Lease {
     endpoint: Arc<EndpointState>,
 }
+
+// === impl Lease ===
 
 impl Lease {
     /// The endpoint's address.
@@ -112,6 +202,10 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.release();
     }
 }
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+pub(crate) mod tests;

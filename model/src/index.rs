@@ -1,24 +1,43 @@
 //! The mutable [`Index`]: every input object, and the last built snapshot.
 //!
 //! Sources call `apply_*` / `delete_*` as objects change and [`Index::build`] when they want to
-//! publish. Applying an object equal to the stored one is a no-op. Only services whose inputs
-//! changed since the last build are rebuilt; every other `Arc<Service>` is reused, so
-//! `Arc::ptr_eq` between two snapshots tells readers exactly what changed.
+//! publish. Objects are translated into compact inputs when applied (see [`crate::kube`]);
+//! applying an object whose translation equals the stored one is a no-op and marks nothing dirty.
+//!
+//! Per service key the index holds: the Kubernetes Service input (if any), its EndpointSlices by
+//! slice name (kept even before the Service arrives), and a Ferry listener (if any). A change marks
+//! the key dirty; [`Index::build`] rebuilds only dirty keys and patches the persistent maps of the
+//! previous snapshot. A rebuilt service or port equal to the previous one keeps its old `Arc`, so
+//! `Arc::ptr_eq` between two snapshots tells readers exactly what changed, and the version only
+//! increases when something did.
+//!
+//! Conflicts (deterministic, and equal to what a from-scratch build gives):
+//! - Two services claiming one [`FrontendKey`]: the smallest [`ServiceKey`] wins; every other
+//!   claimant is listed as `(frontend, loser)`. Within one service the first port claiming a key
+//!   wins silently.
+//! - A Kubernetes Service and a listener with the same key: the Service wins; every frontend of the
+//!   listener is listed as `(frontend, key)`.
+//!
+//! `conflicts` is sorted by `(frontend, loser)`.
 //!
 //! Owned by one task (the publisher); never shared.
 
 use std::{
-    collections::{BTreeSet, HashMap},
-    net::IpAddr,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
+use k8s_openapi::api::{core::v1::Service as KubeService, discovery::v1::EndpointSlice};
 use serde::Serialize;
 
 use crate::{
+    endpoint::Endpoint,
+    kube::{self, Interner, ServiceInput, ServiceKind, SliceInput},
     listener::ValidListener,
-    service::ServiceKey,
+    service::{Frontend, FrontendKey, Origin, PassiveHealth, Service, ServiceKey, ServicePort, Timeouts},
     snapshot::Snapshot,
+    topology,
 };
 
 /// The node a snapshot is built for: its name and zone decide the local set and topology.
@@ -31,25 +50,168 @@ pub struct NodeInfo {
     pub zone: Option<Arc<str>>,
 }
 
+/// `(namespace, name)` of an EndpointSlice.
+type SliceId = (Arc<str>, Arc<str>);
+
 /// Input objects and the state of the last build.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Index {
     node: Option<NodeInfo>,
+    node_changed: bool,
+    proxy_name: Option<Arc<str>>,
+    services: HashMap<ServiceKey, ServiceInput>,
+    /// Slices by owning service, then by slice name (sorted: the dedup order is by slice name).
+    slices: HashMap<ServiceKey, BTreeMap<Arc<str>, SliceInput>>,
+    /// Owner of every stored slice.
+    slice_owner: HashMap<SliceId, ServiceKey>,
     listeners: HashMap<ServiceKey, ValidListener>,
     resolved: HashMap<Arc<str>, Arc<[IpAddr]>>,
+    interner: Interner,
     dirty: BTreeSet<ServiceKey>,
-    current: Snapshot,
+    /// Every service claiming a frontend, with the port it would serve there.
+    claims: HashMap<FrontendKey, BTreeMap<ServiceKey, Arc<ServicePort>>>,
+    /// Claimants that lost a frontend to a smaller key.
+    lost: BTreeSet<(FrontendKey, ServiceKey)>,
+    /// Frontends of listeners shadowed by a Kubernetes Service of the same key.
+    shadowed: BTreeMap<ServiceKey, Vec<FrontendKey>>,
+    current: Arc<Snapshot>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Self::new(None)
+    }
 }
 
 impl Index {
     /// An empty index for `node` (`None` in standalone mode).
     pub fn new(node: Option<NodeInfo>) -> Self {
-        Self { node: node.clone(), current: Snapshot { node, ..Snapshot::default() }, ..Self::default() }
+        Self {
+            node: node.clone(),
+            node_changed: false,
+            proxy_name: None,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slice_owner: HashMap::new(),
+            listeners: HashMap::new(),
+            resolved: HashMap::new(),
+            interner: Interner::default(),
+            dirty: BTreeSet::new(),
+            claims: HashMap::new(),
+            lost: BTreeSet::new(),
+            shadowed: BTreeMap::new(),
+            current: Arc::new(Snapshot {
+                node,
+                ..Snapshot::default()
+            }),
+        }
+    }
+
+    /// Sets this proxy's `service.kubernetes.io/service-proxy-name` (default `None`: like
+    /// kube-proxy, handle only objects without the label). Call it before applying objects:
+    /// objects already skipped are not recovered.
+    pub fn set_proxy_name(&mut self, name: Option<&str>) {
+        self.proxy_name = name.map(Arc::from);
     }
 
     /// Whether anything changed since the last [`build`](Self::build).
     pub fn is_dirty(&self) -> bool {
-        !self.dirty.is_empty()
+        !self.dirty.is_empty() || self.node_changed
+    }
+
+    /// Sets the node the snapshot is categorised for; a change re-categorises every Kubernetes
+    /// service (kube-proxy does a full resync on node-label changes).
+    pub fn set_node(&mut self, node: Option<NodeInfo>) {
+        if node == self.node {
+            return;
+        }
+        self.node = node;
+        self.node_changed = true;
+        self.dirty.extend(self.services.keys().cloned());
+    }
+
+    /// Adds or replaces a Kubernetes Service. A Service this proxy does not handle (see
+    /// [`kube::is_proxied_by`]) is treated as deleted.
+    pub fn apply_service(&mut self, svc: &KubeService) {
+        let namespace = svc.metadata.namespace.as_deref().unwrap_or_default();
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        if !kube::is_proxied_by(svc.metadata.labels.as_ref(), self.proxy_name.as_deref()) {
+            self.delete_service(namespace, name);
+            return;
+        }
+        let input = ServiceInput::from_service(svc);
+        let key = ServiceKey::new(namespace, name);
+        if self.services.get(&key) == Some(&input) {
+            return;
+        }
+        self.dirty.insert(key.clone());
+        self.services.insert(key, input);
+    }
+
+    /// Removes a Kubernetes Service (its slices are kept until they are deleted).
+    pub fn delete_service(&mut self, namespace: &str, name: &str) {
+        let key = ServiceKey::new(namespace, name);
+        if self.services.remove(&key).is_some() {
+            self.dirty.insert(key);
+        }
+    }
+
+    /// Adds or replaces an EndpointSlice. Slices without the `kubernetes.io/service-name` label,
+    /// of `addressType: FQDN`, or for another proxy are treated as deleted.
+    pub fn apply_endpoint_slice(&mut self, slice: &EndpointSlice) {
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
+        let name = slice.metadata.name.as_deref().unwrap_or_default();
+        let labels = slice.metadata.labels.as_ref();
+        let service = labels
+            .and_then(|l| l.get(kube::SERVICE_NAME_LABEL))
+            .filter(|s| !s.is_empty());
+        let input = match service {
+            Some(_) if kube::matches_proxy_name(labels, self.proxy_name.as_deref()) => {
+                SliceInput::from_slice(slice, &mut self.interner)
+            }
+            _ => None,
+        };
+        let (Some(service), Some(input)) = (service, input) else {
+            self.delete_endpoint_slice(namespace, name);
+            return;
+        };
+        let owner = ServiceKey::new(namespace, service.as_str());
+        let id: SliceId = (namespace.into(), name.into());
+        if self.slice_owner.get(&id).is_some_and(|old| *old != owner) {
+            self.delete_endpoint_slice(namespace, name);
+        }
+        let by_name = self.slices.entry(owner.clone()).or_default();
+        if by_name.get(name) == Some(&input) {
+            return;
+        }
+        by_name.insert(id.1.clone(), input);
+        self.slice_owner.insert(id, owner.clone());
+        self.dirty.insert(owner);
+    }
+
+    /// Removes an EndpointSlice.
+    pub fn delete_endpoint_slice(&mut self, namespace: &str, name: &str) {
+        let id: SliceId = (namespace.into(), name.into());
+        let Some(owner) = self.slice_owner.remove(&id) else {
+            return;
+        };
+        if let Some(by_name) = self.slices.get_mut(&owner) {
+            by_name.remove(name);
+            if by_name.is_empty() {
+                self.slices.remove(&owner);
+            }
+        }
+        self.dirty.insert(owner);
+    }
+
+    /// Keys of every Kubernetes Service held.
+    pub fn service_keys(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.services.keys()
+    }
+
+    /// `(namespace, name)` of every EndpointSlice held.
+    pub fn endpoint_slice_keys(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.slice_owner.keys().map(|(ns, name)| (&**ns, &**name))
     }
 
     /// Adds or replaces a listener.
@@ -98,32 +260,304 @@ impl Index {
         }
     }
 
+    /// The last built snapshot.
+    pub fn current(&self) -> &Arc<Snapshot> {
+        &self.current
+    }
+
     /// Rebuilds what changed and returns the new snapshot (the previous one if nothing changed).
     pub fn build(&mut self) -> Arc<Snapshot> {
-        if self.dirty.is_empty() {
-            return Arc::new(self.current.clone());
+        if !self.is_dirty() {
+            return self.current.clone();
         }
-        let mut next = self.current.clone();
+        let mut next = (*self.current).clone();
+        let mut changed = std::mem::take(&mut self.node_changed);
+        if changed {
+            next.node = self.node.clone();
+        }
+        let mut conflicts_changed = false;
+        let mut affected: BTreeSet<FrontendKey> = BTreeSet::new();
         for key in std::mem::take(&mut self.dirty) {
-            if let Some(old) = next.services.remove(&key) {
+            let old = next.services.get(&key).cloned();
+            let (new, shadowed) = self.build_service(&key, old.as_deref());
+            conflicts_changed |= self.set_shadowed(&key, shadowed);
+            let new = match (old.as_ref(), new) {
+                (Some(old), Some(new)) if **old == new => continue,
+                (None, None) => continue,
+                (_, new) => new.map(Arc::new),
+            };
+            changed = true;
+            if let Some(old) = &old {
                 for port in &old.ports {
                     for fe in &port.frontends {
-                        next.frontends.remove(&fe.key(port.protocol));
+                        let fk = fe.key(port.protocol);
+                        if let Some(c) = self.claims.get_mut(&fk) {
+                            c.remove(&key);
+                        }
+                        affected.insert(fk);
                     }
                 }
             }
-            if let Some(l) = self.listeners.get(&key) {
-                let svc = Arc::new(l.to_service(|h| self.resolved.get(h).cloned()));
-                for port in &svc.ports {
-                    for fe in &port.frontends {
-                        next.frontends.insert(fe.key(port.protocol), port.clone());
+            match new {
+                Some(new) => {
+                    for port in &new.ports {
+                        for fe in &port.frontends {
+                            let fk = fe.key(port.protocol);
+                            self.claims
+                                .entry(fk)
+                                .or_default()
+                                .entry(key.clone())
+                                .or_insert_with(|| port.clone());
+                            affected.insert(fk);
+                        }
                     }
+                    next.services.insert(key, new);
                 }
-                next.services.insert(key, svc);
+                None => {
+                    next.services.remove(&key);
+                }
             }
         }
-        next.version += 1;
-        self.current = next;
-        Arc::new(self.current.clone())
+        for fk in affected {
+            conflicts_changed |= self.resolve_frontend(fk, &mut next);
+        }
+        if conflicts_changed {
+            let mut all: Vec<(FrontendKey, ServiceKey)> = self.lost.iter().cloned().collect();
+            all.extend(
+                self.shadowed
+                    .iter()
+                    .flat_map(|(k, fks)| fks.iter().map(|fk| (*fk, k.clone()))),
+            );
+            all.sort_unstable();
+            all.dedup();
+            let conflicts: imbl::Vector<_> = all.into_iter().collect();
+            if conflicts != next.conflicts {
+                next.conflicts = conflicts;
+                changed = true;
+            }
+        }
+        self.interner.prune();
+        if changed {
+            next.version += 1;
+            self.current = Arc::new(next);
+        }
+        self.current.clone()
+    }
+
+    /// Recomputes the winner of `fk` into `next.frontends` and its losers into `self.lost`.
+    /// Returns whether the set of losers changed.
+    fn resolve_frontend(&mut self, fk: FrontendKey, next: &mut Snapshot) -> bool {
+        let claimants = self.claims.get(&fk);
+        match claimants.and_then(|c| c.values().next()) {
+            Some(winner) => next.frontends.insert(fk, winner.clone()),
+            None => next.frontends.remove(&fk),
+        };
+        let old_losers: Vec<ServiceKey> = self
+            .lost
+            .range((fk, ServiceKey::new("", ""))..)
+            .take_while(|(k, _)| *k == fk)
+            .map(|(_, s)| s.clone())
+            .collect();
+        let new_losers: Vec<ServiceKey> = claimants
+            .map(|c| c.keys().skip(1).cloned().collect())
+            .unwrap_or_default();
+        if claimants.is_some_and(BTreeMap::is_empty) {
+            self.claims.remove(&fk);
+        }
+        if old_losers == new_losers {
+            return false;
+        }
+        for loser in old_losers {
+            self.lost.remove(&(fk, loser));
+        }
+        for loser in new_losers {
+            self.lost.insert((fk, loser));
+        }
+        true
+    }
+
+    /// Records the shadowed-listener frontends of `key`; returns whether they changed.
+    fn set_shadowed(&mut self, key: &ServiceKey, fks: Vec<FrontendKey>) -> bool {
+        if self.shadowed.get(key).map_or(&[][..], Vec::as_slice) == fks.as_slice() {
+            return false;
+        }
+        if fks.is_empty() {
+            self.shadowed.remove(key);
+        } else {
+            self.shadowed.insert(key.clone(), fks);
+        }
+        true
+    }
+
+    /// The service `key` should be now, and the frontends of a listener it shadows.
+    /// Ports equal to a port of `old` at the same position reuse its `Arc`.
+    fn build_service(&self, key: &ServiceKey, old: Option<&Service>) -> (Option<Service>, Vec<FrontendKey>) {
+        let listener = self.listeners.get(key);
+        let Some(input) = self.services.get(key) else {
+            return (
+                listener.map(|l| l.to_service(|h| self.resolved.get(h).cloned())),
+                Vec::new(),
+            );
+        };
+        let shadowed = listener
+            .map(|l| vec![Frontend::Listener(l.address).key(l.protocol)])
+            .unwrap_or_default();
+        let mut svc = build_kube_service(key, input, self.slices.get(key), self.node.as_ref());
+        if let Some(old) = old {
+            for (i, port) in svc.ports.iter_mut().enumerate() {
+                if let Some(o) = old.ports.get(i).filter(|o| **o == *port) {
+                    *port = o.clone();
+                }
+            }
+        }
+        (Some(svc), shadowed)
     }
 }
+
+/// Builds one Kubernetes service from its input and slices (see [`crate::kube`] for the rules).
+fn build_kube_service(
+    key: &ServiceKey,
+    input: &ServiceInput,
+    slices: Option<&BTreeMap<Arc<str>, SliceInput>>,
+    node: Option<&NodeInfo>,
+) -> Service {
+    let mut ports = Vec::new();
+    // Address families in `spec.clusterIPs` order (`true` = IPv4): the primary, then the other if any.
+    let families: Vec<bool> = match input.cluster_ips.first() {
+        None => Vec::new(),
+        Some(primary) => {
+            let v4 = primary.is_ipv4();
+            let dual = input.cluster_ips.iter().any(|ip| ip.is_ipv4() != v4);
+            if dual { vec![v4, !v4] } else { vec![v4] }
+        }
+    };
+    for p in &input.ports {
+        let endpoints = port_endpoints(p, slices);
+        match input.kind {
+            ServiceKind::ExternalName => {}
+            ServiceKind::Headless => {
+                ports.push(make_port(
+                    key,
+                    input,
+                    p,
+                    Vec::new(),
+                    Vec::new(),
+                    endpoints,
+                    node,
+                    false,
+                ));
+            }
+            ServiceKind::Proxied => {
+                for (i, &v4) in families.iter().enumerate() {
+                    let fam = |ip: &IpAddr| ip.is_ipv4() == v4;
+                    let sock = |ip: &IpAddr| SocketAddr::new(*ip, p.port);
+                    let mut frontends: Vec<Frontend> = input
+                        .cluster_ips
+                        .iter()
+                        .filter(|ip| fam(ip))
+                        .map(|ip| Frontend::ClusterIp(sock(ip)))
+                        .collect();
+                    if i == 0 {
+                        frontends.extend(p.node_port.map(Frontend::NodePort));
+                    }
+                    let lb = input.load_balancer_ips.iter().filter(|ip| fam(ip));
+                    frontends.extend(lb.map(|ip| Frontend::LoadBalancer(sock(ip))));
+                    let ext = input.external_ips.iter().filter(|ip| fam(ip));
+                    frontends.extend(ext.map(|ip| Frontend::ExternalIp(sock(ip))));
+                    let externally_accessible = p.node_port.is_some()
+                        || frontends
+                            .iter()
+                            .any(|f| matches!(f, Frontend::LoadBalancer(_) | Frontend::ExternalIp(_)));
+                    let ranges = input
+                        .source_ranges
+                        .iter()
+                        .filter(|r| fam(&r.addr()))
+                        .copied()
+                        .collect();
+                    let eps = endpoints.iter().filter(|e| fam(&e.addr.ip())).cloned().collect();
+                    ports.push(make_port(
+                        key,
+                        input,
+                        p,
+                        frontends,
+                        ranges,
+                        eps,
+                        node,
+                        externally_accessible,
+                    ));
+                }
+            }
+        }
+    }
+    Service {
+        key: key.clone(),
+        origin: Origin::Kubernetes {
+            service_type: input.service_type.to_string(),
+        },
+        ports,
+        health_check_node_port: input.health_check_node_port,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn make_port(
+    key: &ServiceKey,
+    input: &ServiceInput,
+    p: &kube::PortInput,
+    frontends: Vec<Frontend>,
+    load_balancer_source_ranges: Vec<ipnet::IpNet>,
+    endpoints: Vec<Endpoint>,
+    node: Option<&NodeInfo>,
+    externally_accessible: bool,
+) -> Arc<ServicePort> {
+    let itp = input.internal_traffic_policy;
+    let etp = input.external_traffic_policy;
+    Arc::new(ServicePort {
+        service: key.clone(),
+        name: p.name.clone(),
+        protocol: p.protocol,
+        port: p.port,
+        frontends,
+        endpoints: topology::categorize_arc(endpoints.into(), node, itp, etp, externally_accessible),
+        balancing: input.balancing,
+        session_affinity: input.session_affinity,
+        health_check: None,
+        passive_health: PassiveHealth::default(),
+        timeouts: Timeouts::default(),
+        internal_traffic_policy: itp,
+        external_traffic_policy: etp,
+        load_balancer_source_ranges,
+    })
+}
+
+/// The endpoints of service port `p` across all slices: matched by port name and protocol,
+/// deduplicated by address (a non-terminating entry wins, then the first by slice name), sorted
+/// by address.
+fn port_endpoints(p: &kube::PortInput, slices: Option<&BTreeMap<Arc<str>, SliceInput>>) -> Vec<Endpoint> {
+    let mut out = Vec::new();
+    for slice in slices.into_iter().flat_map(BTreeMap::values) {
+        for sp in slice
+            .ports
+            .iter()
+            .filter(|sp| sp.name == p.name && sp.protocol == p.protocol)
+        {
+            out.extend(slice.endpoints.iter().map(|e| Endpoint {
+                addr: SocketAddr::new(e.ip, sp.port),
+                ready: e.ready,
+                serving: e.serving,
+                terminating: e.terminating,
+                node_name: e.node_name.clone(),
+                zone: e.zone.clone(),
+                hostname: e.hostname.clone(),
+                hints: e.hints.as_deref().cloned(),
+            }));
+        }
+    }
+    // Stable: among equal (addr, terminating) the first slice (by name) wins.
+    out.sort_by_key(|e| (e.addr, e.terminating));
+    out.dedup_by_key(|e| e.addr);
+    out
+}
+
+#[cfg(test)]
+mod tests;

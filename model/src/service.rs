@@ -29,7 +29,10 @@ pub struct ServiceKey {
 impl ServiceKey {
     /// Builds a key from namespace and name.
     pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -175,7 +178,10 @@ pub struct PassiveHealth {
 
 impl Default for PassiveHealth {
     fn default() -> Self {
-        Self { consecutive_failures: 3, ejection: Duration::from_secs(10) }
+        Self {
+            consecutive_failures: 3,
+            ejection: Duration::from_secs(10),
+        }
     }
 }
 
@@ -247,6 +253,16 @@ pub enum FrontendKey {
     Addr(Protocol, SocketAddr),
     /// A NodePort, served on every node address.
     NodePort(Protocol, u16),
+}
+
+impl fmt::Display for FrontendKey {
+    /// `TCP 10.96.0.1:80`, `UDP [fd00::1]:53`, `TCP nodePort 30080`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Addr(protocol, addr) => write!(f, "{protocol} {addr}"),
+            Self::NodePort(protocol, port) => write!(f, "{protocol} nodePort {port}"),
+        }
+    }
 }
 
 /// One port of a service, with its frontends and categorised endpoints.

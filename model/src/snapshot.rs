@@ -22,12 +22,17 @@ pub struct Snapshot {
     pub version: u64,
     /// The node this snapshot was categorised for (`None` in standalone mode).
     pub node: Option<NodeInfo>,
-    /// Every service, by key.
+    /// Every service, by key. Serialized as a map keyed by `namespace/name`.
+    #[serde(serialize_with = "ser::services")]
     pub services: imbl::OrdMap<ServiceKey, Arc<Service>>,
     /// Every frontend, to the port it serves. When two services claim one frontend, the
-    /// smallest [`ServiceKey`] wins and the clash is listed in `conflicts`.
+    /// smallest [`ServiceKey`] wins and the clash is listed in `conflicts`. Serialized as a map from
+    /// the frontend (`TCP 10.96.0.1:80`, `UDP nodePort 30053`) to the port's display name.
+    #[serde(serialize_with = "ser::frontends")]
     pub frontends: imbl::OrdMap<FrontendKey, Arc<ServicePort>>,
-    /// Frontends claimed by more than one service: `(frontend, loser)`.
+    /// Frontends claimed by more than one service: `(frontend, loser)`, sorted. Serialized as
+    /// `[{"frontend": "TCP 10.96.0.1:80", "loser": "ns/name"}]`.
+    #[serde(serialize_with = "ser::conflicts")]
     pub conflicts: imbl::Vector<(FrontendKey, ServiceKey)>,
 }
 
@@ -40,5 +45,48 @@ impl Snapshot {
     /// The service named `key`, if any.
     pub fn service(&self, key: &ServiceKey) -> Option<&Arc<Service>> {
         self.services.get(key)
+    }
+}
+
+/// `/debug/snapshot` shapes: JSON object keys must be strings, so keys are shown with `Display`.
+mod ser {
+    use std::sync::Arc;
+
+    use serde::{Serialize, Serializer, ser::SerializeSeq};
+
+    use crate::service::{FrontendKey, Service, ServiceKey, ServicePort};
+
+    pub(super) fn services<S: Serializer>(
+        map: &imbl::OrdMap<ServiceKey, Arc<Service>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(map.iter().map(|(k, v)| (k.to_string(), v)))
+    }
+
+    pub(super) fn frontends<S: Serializer>(
+        map: &imbl::OrdMap<FrontendKey, Arc<ServicePort>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(map.iter().map(|(k, v)| (k.to_string(), v.display_name())))
+    }
+
+    #[derive(Serialize)]
+    struct Conflict {
+        frontend: String,
+        loser: String,
+    }
+
+    pub(super) fn conflicts<S: Serializer>(
+        list: &imbl::Vector<(FrontendKey, ServiceKey)>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(list.len()))?;
+        for (fk, loser) in list {
+            seq.serialize_element(&Conflict {
+                frontend: fk.to_string(),
+                loser: loser.to_string(),
+            })?;
+        }
+        seq.end()
     }
 }

@@ -1,3 +1,65 @@
 //! Ferry's data plane: listeners, L4 TCP and UDP proxying.
 //!
 //! The data plane never imports kube: it reads `Arc<Snapshot>`s from a `watch` channel.
+//!
+//! Layers, top down:
+//! - [`serve`]: the entry point of the binary; runs a [`Manager`] until shutdown.
+//! - [`Manager`]: binds/updates/closes listeners as snapshots change ([`manager`]).
+//! - [`tcp::serve`] / [`udp::serve`]: one already-bound socket and its [`ListenerState`]
+//!   (mini-redis style: tests bind `127.0.0.1:0` themselves).
+//! - `sys`: the only unsafe code (`splice(2)`).
+
+pub mod error;
+pub mod manager;
+mod state;
+#[cfg(target_os = "linux")]
+mod sys;
+pub mod tcp;
+pub mod udp;
+
+use std::{sync::Arc, time::Duration};
+
+use ferry_model::Snapshot;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::{
+    error::{Error, Side},
+    manager::{Binding, FrontendFilter, ListenerFrontends, Manager},
+    state::{ListenerState, Upstreams},
+};
+
+/// Data-plane settings.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// How long connections survive the removal of their endpoint or listener, and shutdown.
+    pub drain_timeout: Duration,
+    /// Bound on UDP flows per listener.
+    pub max_udp_flows: usize,
+    /// Which frontends this process serves.
+    pub filter: Arc<dyn FrontendFilter>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(30),
+            max_udp_flows: udp::DEFAULT_MAX_FLOWS,
+            filter: Arc::new(ListenerFrontends),
+        }
+    }
+}
+
+/// Serves every frontend the snapshots on `snapshots` describe (as chosen by
+/// `config.filter`) until `shutdown` is cancelled; then closes the listeners, drains
+/// connections for up to `config.drain_timeout` and returns.
+pub async fn serve(
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    config: ProxyConfig,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    Manager::new(config).run(snapshots, shutdown).await
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,10 @@
-mod placeholder {}
+//! End-to-end tests of the `ferry` binary: one test binary (hickory style), one module per area.
+//! Every test runs the real binary on loopback against real backends.
+
+mod admin;
+mod check;
+mod harness;
+mod lb_config;
+mod lb_tcp;
+mod lb_udp;
+mod lifecycle;

@@ -1,0 +1,151 @@
+//! The admin server: `/metrics`, `/healthz`, `/livez`, `/readyz` and `/debug/snapshot`.
+//!
+//! A bare hyper HTTP/1 service (the surface is five GET routes; a router framework would cost more
+//! than it saves). It reads the live snapshot through [`Snapshots`] and never blocks the data plane.
+//! [`serve`] takes an already-bound listener and a shutdown token, so tests bind `127.0.0.1:0`.
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use ferry_watch::Snapshots;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What the admin routes read.
+#[derive(Clone)]
+pub(crate) struct AdminState {
+    /// The live snapshot and readiness.
+    pub(crate) snapshots: Snapshots,
+    /// Renders the Prometheus text exposition.
+    pub(crate) metrics: PrometheusHandle,
+    /// Cancelled when Ferry starts shutting down: `/readyz` turns 503 at once.
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Serves admin requests on `listener` until `shutdown` is cancelled.
+pub(crate) async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    let state = Arc::new(state);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => if let Err(error) = res { tracing::debug!(%error, "admin connection"); },
+                () = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET and HEAD are supported\n",
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/livez" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if state.shutdown.is_cancelled() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else if state.snapshots.ready() {
+                text(StatusCode::OK, "ok\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "waiting for the first snapshot\n",
+                )
+            }
+        }
+        "/healthz" => {
+            let snapshot = state.snapshots.current();
+            let ready = state.snapshots.ready() && !state.shutdown.is_cancelled();
+            let body = serde_json::json!({
+                "status": if ready { "ok" } else { "unavailable" },
+                "ready": ready,
+                "snapshotVersion": snapshot.version,
+                "services": snapshot.services.len(),
+                "frontends": snapshot.frontends.len(),
+            });
+            json(
+                if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                },
+                &body,
+            )
+        }
+        "/debug/snapshot" => {
+            let snapshot = state.snapshots.current();
+            json(StatusCode::OK, &*snapshot)
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /healthz, /livez, /readyz or /debug/snapshot\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            *resp.status_mut() = status;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        Err(error) => {
+            tracing::error!(%error, "serialising admin response");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "serialisation failed\n")
+        }
+    }
+}

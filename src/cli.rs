@@ -1,0 +1,129 @@
+//! Command-line interface.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Ferry: a userspace service-networking data plane for Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "FERRY_LOG_FORMAT")]
+    pub(crate) log_format: LogFormat,
+
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax (e.g. `info,ferry_proxy=debug`).
+    #[arg(long, global = true, default_value = "info", env = "FERRY_LOG")]
+    pub(crate) log_level: String,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the standalone TCP/UDP load balancer from a directory of manifests.
+    Lb(LbArgs),
+    /// Validate a directory of manifests and print what would be served; exits non-zero on any error.
+    Check(CheckArgs),
+}
+
+/// `ferry lb`.
+#[derive(Debug, Args)]
+pub(crate) struct LbArgs {
+    /// Directory of YAML manifests (Listener, Service, EndpointSlice); watched for changes.
+    #[arg(long, env = "FERRY_CONFIG")]
+    pub(crate) config: PathBuf,
+
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+}
+
+/// Flags shared by every long-running command.
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Address of the admin server (/metrics, /healthz, /livez, /readyz, /debug/snapshot).
+    /// Port 0 picks a free port; the bound address is logged.
+    #[arg(long, default_value = "127.0.0.1:9901", env = "FERRY_ADMIN_ADDRESS")]
+    pub(crate) admin_address: SocketAddr,
+
+    /// How long connections may keep running after their listener or endpoint is removed, and after
+    /// SIGTERM, before they are closed.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "FERRY_DRAIN_TIMEOUT")]
+    pub(crate) drain_timeout: Duration,
+
+    /// Quiet time after a file change before the configuration is reloaded.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub(crate) reload_debounce: Duration,
+
+    /// How often backend host names are re-resolved.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(crate) resolve_interval: Duration,
+
+    /// Data-plane worker threads (default: one per CPU).
+    #[arg(long, env = "FERRY_WORKER_THREADS")]
+    pub(crate) worker_threads: Option<usize>,
+}
+
+/// `ferry check`.
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    /// Directory of YAML manifests to validate.
+    #[arg(long)]
+    pub(crate) config: PathBuf,
+}
+
+/// Parses `250ms`, `2s`, `1m`, `1h` or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 2s or 1m"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("1y").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

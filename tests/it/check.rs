@@ -1,0 +1,57 @@
+//! `ferry check`: validation without serving.
+
+use std::{net::SocketAddr, process::Command};
+
+use crate::harness::*;
+
+fn check(dir: &ConfigDir) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["check", "--config"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_prints_what_would_be_served() {
+    let dir = ConfigDir::new();
+    let front: SocketAddr = "127.0.0.1:18080".parse().expect("addr");
+    let b1: SocketAddr = "10.0.0.11:8080".parse().expect("addr");
+    dir.write("web.yaml", &listener_yaml("web", front, "TCP", &[b1], ""));
+    let (ok, stdout, stderr) = check(&dir);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("web") && stdout.contains("127.0.0.1:18080") && stdout.contains("10.0.0.11:8080"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_reports_every_problem_with_file_document_and_field() {
+    let dir = ConfigDir::new();
+    let front: SocketAddr = "127.0.0.1:18080".parse().expect("addr");
+    dir.write(
+        "a.yaml",
+        &format!(
+            "{}---\n{}",
+            listener_yaml("one", front, "TCP", &[], ""),
+            "apiVersion: ferry.ethercluster.io/v1alpha1\nkind: Listener\nmetadata: {name: two}\nspec:\n  address: 127.0.0.1:1\n  backends: [\"host:notaport\"]\n"
+        ),
+    );
+    dir.write("b.yaml", "kind: [unclosed\n");
+    let (ok, _, stderr) = check(&dir);
+    assert!(!ok);
+    assert!(
+        stderr.contains("a.yaml") && stderr.contains("document 2") && stderr.contains("spec.backends[0]"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("b.yaml") && stderr.contains("line"),
+        "YAML errors carry a position: {stderr}"
+    );
+}

@@ -1,0 +1,85 @@
+//! Process lifecycle: SIGTERM drains open connections and exits 0; startup errors exit non-zero.
+
+use std::{net::SocketAddr, process::Command, time::Duration};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_accepting_drains_open_connections_and_exits_zero() {
+    let a = TcpBackend::start("a").await;
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dir = ConfigDir::new();
+    dir.write("web.yaml", &listener_yaml("web", front, "TCP", &[a.addr], ""));
+    let mut ferry = Ferry::start(&dir, &[]);
+
+    let mut conn = tokio::net::TcpStream::connect(front).await.expect("connect");
+    let mut greeting = [0u8; 2];
+    conn.read_exact(&mut greeting).await.expect("greeting");
+
+    let cursor = ferry.log_len();
+    ferry.signal(libc::SIGTERM);
+    ferry
+        .wait_log_after(cursor, DEADLINE, |l| msg(l).starts_with("shutting down"))
+        .expect("shutdown is logged");
+    // Readiness fails and the listener closes while the open connection keeps working.
+    let start = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(front).await.is_ok() {
+        assert!(start.elapsed() < DEADLINE, "listener still accepts after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    conn.write_all(b"during drain").await.expect("write during drain");
+    let mut buf = [0u8; 12];
+    conn.read_exact(&mut buf).await.expect("echo during drain");
+    assert_eq!(&buf, b"during drain");
+    assert_eq!(
+        ferry.wait_exit(Duration::from_millis(300)),
+        None,
+        "must wait for the open connection"
+    );
+
+    drop(conn);
+    assert_eq!(ferry.wait_exit(DEADLINE), Some(0), "exit code after drain");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_a_stuck_connection_exits_zero_after_the_drain_deadline() {
+    let a = TcpBackend::start("a").await;
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dir = ConfigDir::new();
+    dir.write("web.yaml", &listener_yaml("web", front, "TCP", &[a.addr], ""));
+    let mut ferry = Ferry::start(&dir, &["--drain-timeout", "1s"]);
+    let mut conn = tokio::net::TcpStream::connect(front).await.expect("connect");
+    let mut greeting = [0u8; 2];
+    conn.read_exact(&mut greeting).await.expect("greeting");
+
+    let start = std::time::Instant::now();
+    ferry.signal(libc::SIGTERM);
+    assert_eq!(ferry.wait_exit(DEADLINE), Some(0));
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "exited before the drain deadline"
+    );
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, conn.read_to_end(&mut rest))
+        .await
+        .expect("closed after drain");
+}
+
+#[test]
+fn a_broken_config_at_startup_exits_non_zero_naming_the_file() {
+    let dir = ConfigDir::new();
+    dir.write("bad.yaml", "apiVersion: ferry.ethercluster.io/v1alpha1\nkind: Listener\nmetadata: {name: x}\nspec:\n  address: nowhere\n  backends: []\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["lb", "--admin-address", "127.0.0.1:0", "--config"])
+        .arg(dir.path())
+        .output()
+        .expect("run ferry");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.yaml") && stderr.contains("spec.address"),
+        "{stderr}"
+    );
+}
