@@ -1,10 +1,19 @@
 //! The admin server: `/metrics`, `/healthz`, `/livez`, `/readyz` and `/debug/snapshot`.
 //!
+//! `/readyz` is 200 only while the data plane serves a snapshot: after the first snapshot's
+//! listeners are bound and until shutdown starts.
+//!
 //! A bare hyper HTTP/1 service (the surface is five GET routes; a router framework would cost more
 //! than it saves). It reads the live snapshot through [`Snapshots`] and never blocks the data plane.
 //! [`serve`] takes an already-bound listener and a shutdown token, so tests bind `127.0.0.1:0`.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use ferry_watch::Snapshots;
@@ -19,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 /// What the admin routes read.
 #[derive(Clone)]
 pub(crate) struct AdminState {
-    /// The live snapshot and readiness.
+    /// The live snapshot.
     pub(crate) snapshots: Snapshots,
+    /// Set once the data plane serves the first snapshot: what `/readyz` reports.
+    pub(crate) serving: Arc<AtomicBool>,
     /// Renders the Prometheus text exposition.
     pub(crate) metrics: PrometheusHandle,
     /// Cancelled when Ferry starts shutting down: `/readyz` turns 503 at once.
@@ -82,7 +93,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/readyz" => {
             if state.shutdown.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-            } else if state.snapshots.ready() {
+            } else if state.serving.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ok\n")
             } else {
                 text(
@@ -93,7 +104,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/healthz" => {
             let snapshot = state.snapshots.current();
-            let ready = state.snapshots.ready() && !state.shutdown.is_cancelled();
+            let ready = state.serving.load(Ordering::Acquire) && !state.shutdown.is_cancelled();
             let body = serde_json::json!({
                 "status": if ready { "ok" } else { "unavailable" },
                 "ready": ready,

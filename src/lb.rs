@@ -5,6 +5,11 @@
 //! fails at once, listeners close, open connections get `--drain-timeout`), a second signal exits
 //! at once.
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
 use anyhow::Context as _;
 use ferry_proxy::ProxyConfig;
 use ferry_watch::{FileSource, FileSourceOptions, ReloadHandle};
@@ -55,8 +60,10 @@ async fn serve(args: LbArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding the admin address {}", args.run.admin_address))?;
     let admin_address = admin_listener.local_addr().context("reading the admin address")?;
     tracing::info!(address = %admin_address, "admin server listening");
+    let serving = Arc::new(AtomicBool::new(false));
     let admin_state = AdminState {
         snapshots: snapshots.clone(),
+        serving: serving.clone(),
         metrics,
         shutdown: shutdown.clone(),
     };
@@ -83,7 +90,24 @@ async fn serve(args: LbArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+    // Bind the first snapshot's listeners before declaring readiness; at startup a frontend that
+    // cannot be bound is a configuration error, so exit and say which.
+    let mut manager = ferry_proxy::Manager::new(ProxyConfig {
+        drain_timeout: args.run.drain_timeout,
+        ..ProxyConfig::default()
+    });
     let snapshot = snapshots.current();
+    let errors = manager.apply(&snapshot);
+    if !errors.is_empty() {
+        source_stop.cancel();
+        admin_stop.cancel();
+        let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::bail!("cannot serve {}: {}", args.config.display(), messages.join("; "));
+    }
+    for (frontend, address) in manager.bound() {
+        tracing::info!(?frontend, %address, "listening");
+    }
+    serving.store(true, Ordering::Release);
     tracing::info!(
         version = snapshot.version,
         listeners = snapshot.frontends.len(),
@@ -91,11 +115,7 @@ async fn serve(args: LbArgs) -> anyhow::Result<()> {
         "configuration loaded; serving"
     );
 
-    let config = ProxyConfig {
-        drain_timeout: args.run.drain_timeout,
-        ..ProxyConfig::default()
-    };
-    let result = ferry_proxy::serve(snapshots.subscribe(), config, shutdown.clone()).await;
+    let result = manager.run(snapshots.subscribe(), shutdown.clone()).await;
     source_stop.cancel();
     admin_stop.cancel();
     let _ = admin_task.await;

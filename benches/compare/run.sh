@@ -21,7 +21,7 @@
 #   ROUNDS [2]        rounds per (test, contender)        CONTENDERS ["ferry haproxy"] (also: direct)
 #   FERRY_BIN [${CARGO_TARGET_DIR:-<repo>/target}/release/ferry]
 #   OUT [mktemp -d /tmp/ferrybench.XXXXXX]  raw output, configs, results.tsv, report.md
-#   QUIET_PCT [25] QUIET_MAX [10]   before a cell, wait (at most QUIET_MAX s) until machine busy < QUIET_PCT %
+#   QUIET_PCT [25] QUIET_MAX [5]    before a cell, wait (at most QUIET_MAX s) until machine busy < QUIET_PCT %
 #   FOREIGN_MAX [10] RETRIES [1]    re-run cells with more foreign CPU (% of the machine) than this,
 #   RETRY_UNTIL [240]               but only during the first RETRY_UNTIL seconds of the run (bounds runtime)
 #   WARMUP [1]        seconds of unmeasured wrk before each HTTP cell
@@ -40,7 +40,7 @@ TESTS=${TESTS:-"bulk1 bulk8 ka close"}
 CONTENDERS=${CONTENDERS:-"ferry haproxy"}
 FERRY_BIN=${FERRY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/ferry}
 QUIET_PCT=${QUIET_PCT:-25}
-QUIET_MAX=${QUIET_MAX:-10}
+QUIET_MAX=${QUIET_MAX:-5}
 FOREIGN_MAX=${FOREIGN_MAX:-10}
 RETRIES=${RETRIES:-1}
 RETRY_UNTIL=${RETRY_UNTIL:-240}

@@ -263,12 +263,12 @@ async fn run(
                 ("healthy", "unhealthy")
             };
             match result {
-                Ok(()) => {
-                    tracing::info!(listener = %listener, endpoint = %addr, from, to, "endpoint health changed");
-                }
-                Err(error) => {
-                    tracing::warn!(listener = %listener, endpoint = %addr, from, to, %error, "endpoint health changed");
-                }
+                Ok(()) => tracing::info!(
+                    listener = %listener, endpoint = %addr, from, to, "endpoint health changed"
+                ),
+                Err(error) => tracing::warn!(
+                    listener = %listener, endpoint = %addr, from, to, %error, "endpoint health changed"
+                ),
             }
         }
     }

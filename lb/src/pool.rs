@@ -8,8 +8,9 @@
 //! Selection ([`Pool::pick`]):
 //! 1. With ClientIP affinity, a live table entry whose endpoint is still in the pool, available
 //!    and not in `tried` wins (and is refreshed).
-//! 2. Otherwise the port's [`Balancing`](ferry_model::Balancing) chooses among the available endpoints not in `tried`
-//!    (see [`crate::balance`]), and the choice is recorded in the affinity table.
+//! 2. Otherwise the port's [`Balancing`](ferry_model::Balancing) chooses among the available
+//!    endpoints not in `tried` (see [`crate::balance`]), and the choice is recorded in the
+//!    affinity table.
 //! 3. **Panic mode** (Envoy's panic threshold, at 0 %): when *no* endpoint of the pool is
 //!    available (all unhealthy or ejected), health information is presumed wrong and steps 1-2
 //!    run over every endpoint not in `tried`. Refusing every connection would turn a broken

@@ -303,9 +303,12 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    /// A display name for logs and metric labels: `ns/name:port-name` or `ns/name:port`.
+    /// A display name for logs and metric labels: the listener's name for a listener, else
+    /// `ns/name:port-name`, or `ns/name:port` for an unnamed port.
     pub fn display_name(&self) -> String {
-        if self.name.is_empty() {
+        if self.frontends.iter().any(|f| matches!(f, Frontend::Listener(_))) {
+            self.service.to_string()
+        } else if self.name.is_empty() {
             format!("{}:{}", self.service, self.port)
         } else {
             format!("{}:{}", self.service, self.name)

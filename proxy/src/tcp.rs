@@ -111,7 +111,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
         }
         let Some(lease) = pool.pick(peer.ip(), &tried[..n]) else {
             if n == 0 {
-                state.metrics.no_endpoint.increment(1);
                 tracing::warn!(listener = %state.name(), client = %peer, error = %Error::NoEndpoint, "closing client");
             }
             break None;
@@ -135,6 +134,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
         tracing::warn!(listener = %state.name(), client = %peer, attempt = n, %error, "upstream connect failed");
     };
     let Some((server, lease)) = connected else {
+        // Nothing could be reached (none usable, or every attempt failed): reset at once.
+        state.metrics.no_endpoint.increment(1);
         reset(&client);
         return;
     };

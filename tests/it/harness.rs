@@ -117,14 +117,7 @@ impl Ferry {
                 "--log-level",
                 "info,ferry=debug",
             ])
-            .args([
-                "--reload-debounce",
-                "50ms",
-                "--drain-timeout",
-                "5s",
-                "--worker-threads",
-                "2",
-            ])
+            .args(defaults(extra_args))
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -259,6 +252,19 @@ impl Drop for Ferry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Default flags for tests, minus those a test sets itself.
+fn defaults(extra_args: &[&str]) -> Vec<&'static str> {
+    [
+        ("--reload-debounce", "50ms"),
+        ("--drain-timeout", "5s"),
+        ("--worker-threads", "2"),
+    ]
+    .into_iter()
+    .filter(|(flag, _)| !extra_args.contains(flag))
+    .flat_map(|(flag, value)| [flag, value])
+    .collect()
 }
 
 /// The `message` field of a JSON log line.

@@ -90,8 +90,8 @@ async fn http_server(status: u16) -> HttpServer {
     }
 }
 
-/// A server that accepts connections, reads the request and writes `reply` (then closes), or nothing and holds the
-/// connection open when `reply` is `None`.
+/// A server that accepts connections, reads the request and writes `reply` (then closes), or
+/// writes nothing and holds the connection open when `reply` is `None`.
 async fn raw_server(reply: Option<&'static [u8]>) -> SocketAddr {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
