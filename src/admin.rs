@@ -75,10 +75,7 @@ pub(crate) async fn serve(listener: TcpListener, state: AdminState, shutdown: Ca
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only GET and HEAD are supported\n",
-        );
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are supported\n");
     }
     match req.uri().path() {
         "/metrics" => {
@@ -96,10 +93,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             } else if state.serving.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ok\n")
             } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "waiting for the first snapshot\n",
-                )
+                text(StatusCode::SERVICE_UNAVAILABLE, "waiting for the first snapshot\n")
             }
         }
         "/healthz" => {
@@ -112,14 +106,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "services": snapshot.services.len(),
                 "frontends": snapshot.frontends.len(),
             });
-            json(
-                if ready {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                },
-                &body,
-            )
+            json(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
         }
         "/debug/snapshot" => {
             let snapshot = state.snapshots.current();
@@ -135,10 +122,8 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }
 
@@ -148,10 +133,8 @@ fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Response
             body.push(b'\n');
             let mut resp = Response::new(Full::new(Bytes::from(body)));
             *resp.status_mut() = status;
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
             resp
         }
         Err(error) => {

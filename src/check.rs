@@ -70,10 +70,7 @@ fn render(manifests: &Manifests) -> String {
         snapshot.frontends.len()
     );
     for (frontend, loser) in &snapshot.conflicts {
-        let _ = writeln!(
-            out,
-            "warning: {loser} also claims {frontend:?}; it is not served there"
-        );
+        let _ = writeln!(out, "warning: {loser} also claims {frontend:?}; it is not served there");
     }
     out
 }
@@ -99,11 +96,7 @@ fn render_services(snapshot: &Snapshot, out: &mut String) {
             let _ = writeln!(
                 out,
                 "  port {} {}: {}",
-                if port.name.is_empty() {
-                    "(unnamed)"
-                } else {
-                    &port.name
-                },
+                if port.name.is_empty() { "(unnamed)" } else { &port.name },
                 port.protocol,
                 frontends.join(", ")
             );
@@ -111,11 +104,7 @@ fn render_services(snapshot: &Snapshot, out: &mut String) {
             let _ = writeln!(
                 out,
                 "    endpoints: {}",
-                if eps.is_empty() {
-                    "none".into()
-                } else {
-                    eps.join(", ")
-                }
+                if eps.is_empty() { "none".into() } else { eps.join(", ") }
             );
         }
     }

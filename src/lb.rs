@@ -34,11 +34,7 @@ pub(crate) fn runtime(args: &RunArgs) -> anyhow::Result<tokio::runtime::Runtime>
         anyhow::ensure!(n > 0, "--worker-threads must be at least 1");
         builder.worker_threads(n);
     }
-    builder
-        .thread_name("ferry-worker")
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    builder.thread_name("ferry-worker").enable_all().build().context("starting the async runtime")
 }
 
 async fn serve(args: LbArgs) -> anyhow::Result<()> {
@@ -151,10 +147,7 @@ async fn handle_signals(reload: ReloadHandle, shutdown: CancellationToken) {
             tracing::warn!(signal = name, "second shutdown signal: exiting without draining");
             std::process::exit(1);
         }
-        tracing::info!(
-            signal = name,
-            "shutting down: closing listeners and draining connections"
-        );
+        tracing::info!(signal = name, "shutting down: closing listeners and draining connections");
         shutdown.cancel();
     }
 }

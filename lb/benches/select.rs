@@ -39,12 +39,7 @@ fn pool(balancing: Balancing, session_affinity: SessionAffinity, n: u16) -> Pool
         load_balancer_source_ranges: Vec::new(),
     });
     let endpoints: Vec<_> = (0..n)
-        .map(|i| {
-            Endpoint::ready(SocketAddr::new(
-                Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8).into(),
-                8080,
-            ))
-        })
+        .map(|i| Endpoint::ready(SocketAddr::new(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8).into(), 8080)))
         .collect();
     Pool::new(port, &endpoints, None)
 }
@@ -54,16 +49,10 @@ fn client(i: u32) -> IpAddr {
 }
 
 fn bench_pick(c: &mut Criterion) {
-    let affinity = SessionAffinity::ClientIp {
-        timeout: Duration::from_secs(10_800),
-    };
+    let affinity = SessionAffinity::ClientIp { timeout: Duration::from_secs(10_800) };
     for (aff_name, aff) in [("none", SessionAffinity::None), ("client_ip", affinity)] {
         let mut group = c.benchmark_group(format!("pick/{aff_name}"));
-        for balancing in [
-            Balancing::Random,
-            Balancing::RoundRobin,
-            Balancing::LeastConnections,
-        ] {
+        for balancing in [Balancing::Random, Balancing::RoundRobin, Balancing::LeastConnections] {
             for n in [10u16, 100, 1000] {
                 let pool = pool(balancing, aff, n);
                 for i in 0..CLIENTS {

@@ -119,10 +119,7 @@ impl AffinityTable {
     /// Records that `client` now uses `endpoint` (insert or overwrite), last seen `now`.
     pub fn record(&self, client: IpAddr, endpoint: SocketAddr, now: Instant) {
         let mut shard = self.shard(&client).lock();
-        let entry = Entry {
-            endpoint,
-            last_seen: now,
-        };
+        let entry = Entry { endpoint, last_seen: now };
         if let Some(e) = shard.entries.get_mut(&client) {
             *e = entry;
             return;
@@ -132,11 +129,7 @@ impl AffinityTable {
             self.sweep_shard(&mut shard, now);
         }
         if shard.entries.len() >= self.shard_capacity {
-            let oldest = shard
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.last_seen)
-                .map(|(ip, _)| *ip);
+            let oldest = shard.entries.iter().min_by_key(|(_, e)| e.last_seen).map(|(ip, _)| *ip);
             if let Some(ip) = oldest {
                 shard.entries.remove(&ip);
             }
@@ -154,10 +147,7 @@ impl AffinityTable {
     /// Removes every entry expired at `now`; returns how many were removed. Locks one shard at
     /// a time.
     pub fn sweep(&self, now: Instant) -> usize {
-        self.shards
-            .iter()
-            .map(|s| self.sweep_shard(&mut s.lock(), now))
-            .sum()
+        self.shards.iter().map(|s| self.sweep_shard(&mut s.lock(), now)).sum()
     }
 
     /// Number of entries, live or not yet swept.
@@ -208,15 +198,8 @@ mod tests {
         let t = AffinityTable::new(T);
         let t0 = Instant::now();
         t.record(ip(1), ep(1), t0);
-        assert_eq!(
-            t.lookup(ip(1), t0 + Duration::from_secs(50), |_| None::<()>),
-            None
-        );
-        assert_eq!(
-            t.lookup(ip(1), t0 + T, Some),
-            None,
-            "not refreshed by the rejected hit"
-        );
+        assert_eq!(t.lookup(ip(1), t0 + Duration::from_secs(50), |_| None::<()>), None);
+        assert_eq!(t.lookup(ip(1), t0 + T, Some), None, "not refreshed by the rejected hit");
     }
 
     #[test]

@@ -142,10 +142,7 @@ fn sample<T>(
     }
     let k = rng.below(count);
     // Eligibility may change concurrently between the passes; fall back to any eligible index.
-    (0..n)
-        .filter(|&i| ok(i))
-        .nth(k)
-        .or_else(|| (0..n).find(|&i| ok(i)))
+    (0..n).filter(|&i| ok(i)).nth(k).or_else(|| (0..n).find(|&i| ok(i)))
 }
 
 #[cfg(test)]
@@ -220,9 +217,7 @@ mod tests {
     fn round_robin_skips_ineligible_without_doubling_successor() {
         let cursor = AtomicUsize::new(0);
         let it = items(&[true, false, false, true, true, false]);
-        let seq: Vec<_> = (0..6)
-            .map(|_| round_robin(&it, &cursor, |i| i.up).expect("eligible"))
-            .collect();
+        let seq: Vec<_> = (0..6).map(|_| round_robin(&it, &cursor, |i| i.up).expect("eligible")).collect();
         assert_eq!(seq, vec![0, 3, 4, 0, 3, 4]);
         let c = counts(6, (0..3_000).map(|_| round_robin(&it, &cursor, |i| i.up)));
         assert_eq!(c, vec![1_000, 0, 0, 1_000, 1_000, 0]);
@@ -240,11 +235,7 @@ mod tests {
     #[test]
     fn p2c_two_eligible_always_takes_lower() {
         let mut rng = fastrand::Rng::with_seed(11);
-        let it = [
-            Item { up: true, load: 5 },
-            Item { up: false, load: 0 },
-            Item { up: true, load: 2 },
-        ];
+        let it = [Item { up: true, load: 5 }, Item { up: false, load: 0 }, Item { up: true, load: 2 }];
         for _ in 0..1_000 {
             assert_eq!(least_connections(&it, |i| i.up, |i| i.load, &mut rng), Some(2));
         }
@@ -260,10 +251,7 @@ mod tests {
             Item { up: true, load: 10 },
             Item { up: true, load: 10 },
         ];
-        let c = counts(
-            4,
-            (0..20_000).map(|_| least_connections(&it, |i| i.up, |i| i.load, &mut rng)),
-        );
+        let c = counts(4, (0..20_000).map(|_| least_connections(&it, |i| i.up, |i| i.load, &mut rng)));
         assert!((9_000..11_000).contains(&c[1]), "{c:?}");
         for i in [0, 2, 3] {
             assert!((2_800..3_900).contains(&c[i]), "{c:?}");
@@ -274,10 +262,7 @@ mod tests {
     fn p2c_ties_are_random() {
         let mut rng = fastrand::Rng::with_seed(9);
         let it = items(&[true, true]);
-        let c = counts(
-            2,
-            (0..10_000).map(|_| least_connections(&it, |i| i.up, |i| i.load, &mut rng)),
-        );
+        let c = counts(2, (0..10_000).map(|_| least_connections(&it, |i| i.up, |i| i.load, &mut rng)));
         assert!((4_500..5_500).contains(&c[0]), "{c:?}");
     }
 
@@ -286,40 +271,10 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(2);
         let cursor = AtomicUsize::new(1);
         let it = items(&[true, true, true]);
-        assert_eq!(
-            select(
-                Balancing::RoundRobin,
-                &it,
-                &cursor,
-                |i| i.up,
-                |i| i.load,
-                &mut rng
-            ),
-            Some(1)
-        );
-        assert_eq!(
-            select(
-                Balancing::RoundRobin,
-                &it,
-                &cursor,
-                |i| i.up,
-                |i| i.load,
-                &mut rng
-            ),
-            Some(2)
-        );
+        assert_eq!(select(Balancing::RoundRobin, &it, &cursor, |i| i.up, |i| i.load, &mut rng), Some(1));
+        assert_eq!(select(Balancing::RoundRobin, &it, &cursor, |i| i.up, |i| i.load, &mut rng), Some(2));
         assert!(select(Balancing::Random, &it, &cursor, |i| i.up, |i| i.load, &mut rng).is_some());
-        assert!(
-            select(
-                Balancing::LeastConnections,
-                &it,
-                &cursor,
-                |i| i.up,
-                |i| i.load,
-                &mut rng
-            )
-            .is_some()
-        );
+        assert!(select(Balancing::LeastConnections, &it, &cursor, |i| i.up, |i| i.load, &mut rng).is_some());
     }
 
     proptest! {

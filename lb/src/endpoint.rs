@@ -45,9 +45,7 @@ fn epoch() -> Instant {
 
 /// `now` as nanoseconds since [`EPOCH`], at least 1 (0 means "not set"), saturating.
 fn to_nanos(now: Instant) -> u64 {
-    u64::try_from(now.saturating_duration_since(epoch()).as_nanos())
-        .unwrap_or(u64::MAX)
-        .max(1)
+    u64::try_from(now.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX).max(1)
 }
 
 /// Bit 0 of [`EndpointState::health`]: healthy.
@@ -166,11 +164,8 @@ impl EndpointState {
     /// checker only (with generation fencing); this is for tests and manual overrides.
     pub fn set_healthy(&self, healthy: bool) {
         let bit = if healthy { HEALTHY_BIT } else { 0 };
-        let _ = self
-            .health
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
-                Some(w & !HEALTHY_BIT | bit)
-            });
+        let _ =
+            self.health.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some(w & !HEALTHY_BIT | bit));
     }
 
     /// Makes the caller the only active-check writer: returns a generation that
@@ -179,9 +174,7 @@ impl EndpointState {
     pub(crate) fn claim_check(&self) -> u64 {
         let old = self
             .health
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
-                Some(w.wrapping_add(GENERATION_ONE))
-            })
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some(w.wrapping_add(GENERATION_ONE)))
             .unwrap_or_else(|w| w);
         (old.wrapping_add(GENERATION_ONE)) & !HEALTHY_BIT
     }
@@ -201,19 +194,15 @@ impl EndpointState {
     /// Ends active checking: supersedes every probe's generation and marks the endpoint healthy
     /// (unchecked endpoints are healthy).
     pub(crate) fn release_check(&self) {
-        let _ = self
-            .health
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
-                Some((w & !HEALTHY_BIT).wrapping_add(GENERATION_ONE) | HEALTHY_BIT)
-            });
+        let _ = self.health.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+            Some((w & !HEALTHY_BIT).wrapping_add(GENERATION_ONE) | HEALTHY_BIT)
+        });
     }
 
     /// Sets the passive-health configuration (written by [`Pool::new`](crate::Pool::new)).
     pub fn configure_passive(&self, passive: PassiveHealth) {
-        self.eject_after
-            .store(passive.consecutive_failures, Ordering::Relaxed);
-        self.ejection_nanos
-            .store(duration_nanos(passive.ejection), Ordering::Relaxed);
+        self.eject_after.store(passive.consecutive_failures, Ordering::Relaxed);
+        self.ejection_nanos.store(duration_nanos(passive.ejection), Ordering::Relaxed);
     }
 
     /// Records a successful upstream connect: resets the consecutive-failure count (and so ends
@@ -252,10 +241,8 @@ impl EndpointState {
             return false;
         }
         // Only one of several concurrent failures wins the ejection.
-        let ejected = self
-            .ejected_until
-            .compare_exchange(current, until, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok();
+        let ejected =
+            self.ejected_until.compare_exchange(current, until, Ordering::Relaxed, Ordering::Relaxed).is_ok();
         if ejected {
             self.ejections.fetch_add(1, Ordering::Relaxed);
         }
@@ -295,10 +282,7 @@ mod tests {
 
     fn state(threshold: u32, ejection: Duration) -> EndpointState {
         let s = EndpointState::new("127.0.0.1:80".parse().expect("addr"));
-        s.configure_passive(PassiveHealth {
-            consecutive_failures: threshold,
-            ejection,
-        });
+        s.configure_passive(PassiveHealth { consecutive_failures: threshold, ejection });
         s
     }
 

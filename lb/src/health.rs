@@ -88,9 +88,7 @@ impl Checks {
 
     /// Whether `state` has a running probe task.
     pub fn is_checked(&self, state: &Arc<EndpointState>) -> bool {
-        self.probes
-            .get(&key(state))
-            .is_some_and(|p| p.state.ptr_eq(&Arc::downgrade(state)))
+        self.probes.get(&key(state)).is_some_and(|p| p.state.ptr_eq(&Arc::downgrade(state)))
     }
 
     /// Brings `pool`'s states in line with its port's `health_check`: starts probes for new
@@ -106,10 +104,7 @@ impl Checks {
         let mut listener: Option<Arc<str>> = None;
         for state in pool.endpoints() {
             let k = key(state);
-            let current = self
-                .probes
-                .get(&k)
-                .filter(|p| p.state.ptr_eq(&Arc::downgrade(state)));
+            let current = self.probes.get(&k).filter(|p| p.state.ptr_eq(&Arc::downgrade(state)));
             match (check, current) {
                 (None, None) => {}
                 (None, Some(_)) => {
@@ -121,9 +116,7 @@ impl Checks {
                 (Some(c), _) => {
                     // Dropping the old probe cancels it; the new claim fences its writes.
                     self.probes.remove(&k);
-                    let listener = listener
-                        .get_or_insert_with(|| pool.port().display_name().into())
-                        .clone();
+                    let listener = listener.get_or_insert_with(|| pool.port().display_name().into()).clone();
                     let probe = self.start(state, c, listener);
                     self.probes.insert(k, probe);
                 }
@@ -141,12 +134,7 @@ impl Checks {
                 live.extend(pool.endpoints().iter().map(key));
             }
         }
-        let stale: Vec<usize> = self
-            .probes
-            .keys()
-            .filter(|k| !live.contains(k))
-            .copied()
-            .collect();
+        let stale: Vec<usize> = self.probes.keys().filter(|k| !live.contains(k)).copied().collect();
         for k in stale {
             if let Some(p) = self.probes.remove(&k) {
                 p.stop();
@@ -157,11 +145,7 @@ impl Checks {
     /// Stops every probe task and waits for them to finish. States keep their last health.
     pub async fn shutdown(&mut self) {
         self.root.cancel();
-        let tasks: Vec<_> = self
-            .probes
-            .drain()
-            .filter_map(|(_, mut p)| p.task.take())
-            .collect();
+        let tasks: Vec<_> = self.probes.drain().filter_map(|(_, mut p)| p.task.take()).collect();
         for task in tasks {
             // A cancelled task returns promptly; a panicked one has nothing left to clean up.
             let _ = task.await;
@@ -179,12 +163,7 @@ impl Checks {
             listener,
             cancel.clone(),
         ));
-        Probe {
-            state: Arc::downgrade(state),
-            check: check.clone(),
-            cancel,
-            task: Some(task),
-        }
+        Probe { state: Arc::downgrade(state), check: check.clone(), cancel, task: Some(task) }
     }
 }
 
@@ -257,11 +236,7 @@ async fn run(
         }
         if let Some(healthy) = transition {
             gauge.set(if healthy { 1.0 } else { 0.0 });
-            let (from, to) = if healthy {
-                ("unhealthy", "healthy")
-            } else {
-                ("healthy", "unhealthy")
-            };
+            let (from, to) = if healthy { ("unhealthy", "healthy") } else { ("healthy", "unhealthy") };
             match result {
                 Ok(()) => tracing::info!(
                     listener = %listener, endpoint = %addr, from, to, "endpoint health changed"

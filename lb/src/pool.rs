@@ -82,14 +82,7 @@ impl Pool {
         // their first endpoint after a restart.
         let cursor = previous.map_or_else(|| fastrand::usize(..), |p| p.cursor.load(Ordering::Relaxed));
         let panics = metrics::counter!("ferry_pool_panic_picks_total", "listener" => port.display_name());
-        Self {
-            port,
-            endpoints,
-            index,
-            cursor: AtomicUsize::new(cursor),
-            affinity,
-            panics,
-        }
+        Self { port, endpoints, index, cursor: AtomicUsize::new(cursor), affinity, panics }
     }
 
     /// The port this pool serves.
@@ -151,10 +144,7 @@ impl Pool {
     ) -> Option<usize> {
         if let Some(table) = &self.affinity {
             let hit = table.lookup(client, now, |addr| {
-                self.index
-                    .get(&addr)
-                    .copied()
-                    .filter(|&i| eligible(&self.endpoints[i]))
+                self.index.get(&addr).copied().filter(|&i| eligible(&self.endpoints[i]))
             });
             if hit.is_some() {
                 return hit;

@@ -24,10 +24,7 @@ pub(crate) fn port(balancing: Balancing, session_affinity: SessionAffinity) -> A
 }
 
 fn eps(ports: impl IntoIterator<Item = u16>) -> Vec<Endpoint> {
-    ports
-        .into_iter()
-        .map(|p| Endpoint::ready(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p)))
-        .collect()
+    ports.into_iter().map(|p| Endpoint::ready(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p))).collect()
 }
 
 fn addr(p: u16) -> SocketAddr {
@@ -38,9 +35,7 @@ fn client(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0xc0a8_0000 + i))
 }
 
-const AFFINITY: SessionAffinity = SessionAffinity::ClientIp {
-    timeout: Duration::from_secs(60),
-};
+const AFFINITY: SessionAffinity = SessionAffinity::ClientIp { timeout: Duration::from_secs(60) };
 
 #[test]
 fn empty_pool_picks_nothing() {
@@ -63,11 +58,7 @@ fn lease_counts_active_connections() {
 
 #[test]
 fn tried_endpoints_are_skipped() {
-    for b in [
-        Balancing::Random,
-        Balancing::RoundRobin,
-        Balancing::LeastConnections,
-    ] {
+    for b in [Balancing::Random, Balancing::RoundRobin, Balancing::LeastConnections] {
         let pool = Pool::new(port(b, SessionAffinity::None), &eps([1, 2, 3]), None);
         let mut tried = Vec::new();
         for _ in 0..3 {
@@ -81,48 +72,30 @@ fn tried_endpoints_are_skipped() {
 
 #[test]
 fn unavailable_endpoints_are_skipped() {
-    let pool = Pool::new(
-        port(Balancing::Random, SessionAffinity::None),
-        &eps([1, 2, 3]),
-        None,
-    );
+    let pool = Pool::new(port(Balancing::Random, SessionAffinity::None), &eps([1, 2, 3]), None);
     pool.endpoints()[0].set_healthy(false);
     let t0 = Instant::now();
-    let ejections: Vec<bool> = (0..3)
-        .map(|_| pool.endpoints()[1].report_connect_failure_at(t0))
-        .collect();
+    let ejections: Vec<bool> = (0..3).map(|_| pool.endpoints()[1].report_connect_failure_at(t0)).collect();
     assert_eq!(ejections, [false, false, true]);
     for _ in 0..100 {
-        assert_eq!(
-            pool.pick_at(client(1), &[], t0).expect("one available").addr(),
-            addr(3)
-        );
+        assert_eq!(pool.pick_at(client(1), &[], t0).expect("one available").addr(), addr(3));
     }
     // Tried the only available one: no panic mode, nothing left.
     assert!(pool.pick_at(client(1), &[addr(3)], t0).is_none());
     // Ejection over: endpoint 2 comes back.
     let later = t0 + PassiveHealth::default().ejection;
-    assert_eq!(
-        pool.pick_at(client(1), &[addr(3)], later).expect("back").addr(),
-        addr(2)
-    );
+    assert_eq!(pool.pick_at(client(1), &[addr(3)], later).expect("back").addr(), addr(2));
 }
 
 #[test]
 fn panic_mode_when_nothing_available() {
-    let pool = Pool::new(
-        port(Balancing::RoundRobin, SessionAffinity::None),
-        &eps([1, 2, 3]),
-        None,
-    );
+    let pool = Pool::new(port(Balancing::RoundRobin, SessionAffinity::None), &eps([1, 2, 3]), None);
     for e in pool.endpoints() {
         e.set_healthy(false);
     }
     let mut tried = Vec::new();
     for _ in 0..3 {
-        let l = pool
-            .pick(client(1), &tried)
-            .expect("panic mode picks an unavailable endpoint");
+        let l = pool.pick(client(1), &tried).expect("panic mode picks an unavailable endpoint");
         tried.push(l.addr());
     }
     tried.sort();
@@ -137,27 +110,17 @@ fn panic_mode_when_nothing_available() {
 
 #[test]
 fn round_robin_through_pool_is_even() {
-    let pool = Pool::new(
-        port(Balancing::RoundRobin, SessionAffinity::None),
-        &eps([1, 2, 3, 4]),
-        None,
-    );
+    let pool = Pool::new(port(Balancing::RoundRobin, SessionAffinity::None), &eps([1, 2, 3, 4]), None);
     let mut counts = HashMap::new();
     for _ in 0..400 {
-        *counts
-            .entry(pool.pick(client(1), &[]).expect("pick").addr())
-            .or_insert(0) += 1;
+        *counts.entry(pool.pick(client(1), &[]).expect("pick").addr()).or_insert(0) += 1;
     }
     assert!(counts.values().all(|&c| c == 100), "{counts:?}");
 }
 
 #[test]
 fn least_connections_avoids_busy_endpoints() {
-    let pool = Pool::new(
-        port(Balancing::LeastConnections, SessionAffinity::None),
-        &eps([1, 2]),
-        None,
-    );
+    let pool = Pool::new(port(Balancing::LeastConnections, SessionAffinity::None), &eps([1, 2]), None);
     // Hold 5 leases on endpoint 1 (picked through RR on a sibling pool sharing the state).
     let held: Vec<_> = (0..5)
         .map(|_| {
@@ -178,15 +141,8 @@ fn state_carries_over_to_next_pool() {
     let p1 = Pool::new(port(Balancing::Random, SessionAffinity::None), &eps([1, 2]), None);
     let lease = p1.pick(client(1), &[addr(2)]).expect("pick 1");
     p1.get(addr(2)).expect("in pool").set_healthy(false);
-    let p2 = Pool::new(
-        port(Balancing::Random, SessionAffinity::None),
-        &eps([2, 3]),
-        Some(&p1),
-    );
-    assert!(Arc::ptr_eq(
-        p2.get(addr(2)).expect("kept"),
-        p1.get(addr(2)).expect("kept")
-    ));
+    let p2 = Pool::new(port(Balancing::Random, SessionAffinity::None), &eps([2, 3]), Some(&p1));
+    assert!(Arc::ptr_eq(p2.get(addr(2)).expect("kept"), p1.get(addr(2)).expect("kept")));
     assert!(!p2.get(addr(2)).expect("kept").is_available());
     assert!(p2.get(addr(1)).is_none());
     assert!(p2.get(addr(3)).expect("new").is_available());
@@ -196,10 +152,7 @@ fn state_carries_over_to_next_pool() {
 #[test]
 fn passive_config_is_applied() {
     let mut p = (*port(Balancing::Random, SessionAffinity::None)).clone();
-    p.passive_health = PassiveHealth {
-        consecutive_failures: 1,
-        ejection: Duration::from_secs(5),
-    };
+    p.passive_health = PassiveHealth { consecutive_failures: 1, ejection: Duration::from_secs(5) };
     let pool = Pool::new(Arc::new(p), &eps([1]), None);
     let t0 = Instant::now();
     assert!(pool.endpoints()[0].report_connect_failure_at(t0));
@@ -249,11 +202,7 @@ fn affinity_expires_timeout_after_last_use() {
     let t1 = t0 + Duration::from_secs(59);
     assert_eq!(pool.pick_at(client(1), &[], t1).expect("pick").addr(), first);
     let t2 = t1 + Duration::from_secs(59);
-    assert_eq!(
-        pool.pick_at(client(1), &[], t2).expect("pick").addr(),
-        first,
-        "118 s after first use"
-    );
+    assert_eq!(pool.pick_at(client(1), &[], t2).expect("pick").addr(), first, "118 s after first use");
     // 60 s after the last use: expired, balanced afresh: RR's next endpoint.
     let t3 = t2 + Duration::from_secs(60);
     let next = pool.pick_at(client(1), &[], t3).expect("pick").addr();
@@ -276,18 +225,12 @@ fn affinity_table_carries_over_when_config_unchanged() {
     assert_ne!(p3.pick_at(client(1), &[], t0).expect("pick").addr(), chosen);
 
     // Timeout changed: a fresh table.
-    let other = SessionAffinity::ClientIp {
-        timeout: Duration::from_secs(30),
-    };
+    let other = SessionAffinity::ClientIp { timeout: Duration::from_secs(30) };
     let p4 = Pool::new(port(Balancing::Random, other), &eps(1..=10), Some(&p3));
     assert!(!Arc::ptr_eq(p3.affinity().expect("t"), p4.affinity().expect("t")));
     assert!(p4.affinity().expect("t").is_empty());
     // Affinity turned off: no table.
-    let p5 = Pool::new(
-        port(Balancing::Random, SessionAffinity::None),
-        &eps(1..=10),
-        Some(&p4),
-    );
+    let p5 = Pool::new(port(Balancing::Random, SessionAffinity::None), &eps(1..=10), Some(&p4));
     assert!(p5.affinity().is_none());
 }
 
@@ -300,9 +243,6 @@ fn affinity_in_panic_mode_sticks() {
     let t0 = Instant::now();
     let first = pool.pick_at(client(1), &[], t0).expect("panic pick").addr();
     for _ in 0..10 {
-        assert_eq!(
-            pool.pick_at(client(1), &[], t0).expect("panic pick").addr(),
-            first
-        );
+        assert_eq!(pool.pick_at(client(1), &[], t0).expect("panic pick").addr(), first);
     }
 }

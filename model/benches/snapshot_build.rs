@@ -81,12 +81,7 @@ mod counting {
 static ALLOC: counting::Counting = counting::Counting;
 
 fn meta(name: String, labels: Option<BTreeMap<String, String>>) -> ObjectMeta {
-    ObjectMeta {
-        namespace: Some("bench".to_owned()),
-        name: Some(name),
-        labels,
-        ..ObjectMeta::default()
-    }
+    ObjectMeta { namespace: Some("bench".to_owned()), name: Some(name), labels, ..ObjectMeta::default() }
 }
 
 fn service(i: u32) -> Service {
@@ -142,10 +137,7 @@ fn slice(i: u32, generation: u32) -> EndpointSlice {
 }
 
 fn node() -> Option<NodeInfo> {
-    Some(NodeInfo {
-        name: "node-7".into(),
-        zone: Some("zone-1".into()),
-    })
+    Some(NodeInfo { name: "node-7".into(), zone: Some("zone-1".into()) })
 }
 
 fn build_all(services: &[Service], slices: &[EndpointSlice]) -> Index {
@@ -170,10 +162,7 @@ fn report_memory(services: &[Service], slices: &[EndpointSlice], objects_bytes: 
     let after = counting::live();
     let snapshot = index.current().clone();
     let key = FrontendKey::Addr(Protocol::Tcp, "10.96.0.5:80".parse().expect("address"));
-    assert_eq!(
-        snapshot.lookup(&key).map(|p| p.endpoints.all.len()),
-        Some(ENDPOINTS_PER_SERVICE as usize)
-    );
+    assert_eq!(snapshot.lookup(&key).map(|p| p.endpoints.all.len()), Some(ENDPOINTS_PER_SERVICE as usize));
     let endpoints = (SERVICES * ENDPOINTS_PER_SERVICE) as usize;
     eprintln!(
         "memory: {SERVICES} services / {endpoints} endpoints: built index (inputs + snapshot) holds {:.1} MiB live \

@@ -61,7 +61,9 @@ pub struct Index {
     proxy_name: Option<Arc<str>>,
     services: HashMap<ServiceKey, ServiceInput>,
     /// Slices by owning service, then by slice name (sorted: the dedup order is by slice name).
-    slices: HashMap<ServiceKey, BTreeMap<Arc<str>, SliceInput>>,
+    /// (A sorted `Vec`, not a `BTreeMap`: most services have one slice, and a B-tree leaf costs
+    /// hundreds of bytes.)
+    slices: HashMap<ServiceKey, Vec<(Arc<str>, SliceInput)>>,
     /// Owner of every stored slice.
     slice_owner: HashMap<SliceId, ServiceKey>,
     listeners: HashMap<ServiceKey, ValidListener>,
@@ -69,7 +71,8 @@ pub struct Index {
     interner: Interner,
     dirty: BTreeSet<ServiceKey>,
     /// Every service claiming a frontend, with the port it would serve there.
-    claims: HashMap<FrontendKey, BTreeMap<ServiceKey, Arc<ServicePort>>>,
+    /// Sorted by key; almost always exactly one entry.
+    claims: HashMap<FrontendKey, Vec<(ServiceKey, Arc<ServicePort>)>>,
     /// Claimants that lost a frontend to a smaller key.
     lost: BTreeSet<(FrontendKey, ServiceKey)>,
     /// Frontends of listeners shadowed by a Kubernetes Service of the same key.
@@ -100,10 +103,7 @@ impl Index {
             claims: HashMap::new(),
             lost: BTreeSet::new(),
             shadowed: BTreeMap::new(),
-            current: Arc::new(Snapshot {
-                node,
-                ..Snapshot::default()
-            }),
+            current: Arc::new(Snapshot { node, ..Snapshot::default() }),
         }
     }
 
@@ -162,9 +162,7 @@ impl Index {
         let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
         let name = slice.metadata.name.as_deref().unwrap_or_default();
         let labels = slice.metadata.labels.as_ref();
-        let service = labels
-            .and_then(|l| l.get(kube::SERVICE_NAME_LABEL))
-            .filter(|s| !s.is_empty());
+        let service = labels.and_then(|l| l.get(kube::SERVICE_NAME_LABEL)).filter(|s| !s.is_empty());
         let input = match service {
             Some(_) if kube::matches_proxy_name(labels, self.proxy_name.as_deref()) => {
                 SliceInput::from_slice(slice, &mut self.interner)
@@ -175,16 +173,18 @@ impl Index {
             self.delete_endpoint_slice(namespace, name);
             return;
         };
-        let owner = ServiceKey::new(namespace, service.as_str());
-        let id: SliceId = (namespace.into(), name.into());
+        let ns = self.interner.get(namespace);
+        let owner = ServiceKey::new(ns.clone(), service.as_str());
+        let id: SliceId = (ns, name.into());
         if self.slice_owner.get(&id).is_some_and(|old| *old != owner) {
             self.delete_endpoint_slice(namespace, name);
         }
         let by_name = self.slices.entry(owner.clone()).or_default();
-        if by_name.get(name) == Some(&input) {
-            return;
+        match by_name.binary_search_by(|(n, _)| (**n).cmp(name)) {
+            Ok(i) if by_name[i].1 == input => return,
+            Ok(i) => by_name[i].1 = input,
+            Err(i) => by_name.insert(i, (id.1.clone(), input)),
         }
-        by_name.insert(id.1.clone(), input);
         self.slice_owner.insert(id, owner.clone());
         self.dirty.insert(owner);
     }
@@ -196,7 +196,7 @@ impl Index {
             return;
         };
         if let Some(by_name) = self.slices.get_mut(&owner) {
-            by_name.remove(name);
+            by_name.retain(|(n, _)| **n != *name);
             if by_name.is_empty() {
                 self.slices.remove(&owner);
             }
@@ -292,7 +292,7 @@ impl Index {
                     for fe in &port.frontends {
                         let fk = fe.key(port.protocol);
                         if let Some(c) = self.claims.get_mut(&fk) {
-                            c.remove(&key);
+                            c.retain(|(k, _)| *k != key);
                         }
                         affected.insert(fk);
                     }
@@ -303,11 +303,10 @@ impl Index {
                     for port in &new.ports {
                         for fe in &port.frontends {
                             let fk = fe.key(port.protocol);
-                            self.claims
-                                .entry(fk)
-                                .or_default()
-                                .entry(key.clone())
-                                .or_insert_with(|| port.clone());
+                            let c = self.claims.entry(fk).or_default();
+                            if let Err(i) = c.binary_search_by(|(k, _)| k.cmp(&key)) {
+                                c.insert(i, (key.clone(), port.clone()));
+                            }
                             affected.insert(fk);
                         }
                     }
@@ -323,11 +322,7 @@ impl Index {
         }
         if conflicts_changed {
             let mut all: Vec<(FrontendKey, ServiceKey)> = self.lost.iter().cloned().collect();
-            all.extend(
-                self.shadowed
-                    .iter()
-                    .flat_map(|(k, fks)| fks.iter().map(|fk| (*fk, k.clone()))),
-            );
+            all.extend(self.shadowed.iter().flat_map(|(k, fks)| fks.iter().map(|fk| (*fk, k.clone()))));
             all.sort_unstable();
             all.dedup();
             let conflicts: imbl::Vector<_> = all.into_iter().collect();
@@ -348,8 +343,8 @@ impl Index {
     /// Returns whether the set of losers changed.
     fn resolve_frontend(&mut self, fk: FrontendKey, next: &mut Snapshot) -> bool {
         let claimants = self.claims.get(&fk);
-        match claimants.and_then(|c| c.values().next()) {
-            Some(winner) => next.frontends.insert(fk, winner.clone()),
+        match claimants.and_then(|c| c.first()) {
+            Some((_, winner)) => next.frontends.insert(fk, winner.clone()),
             None => next.frontends.remove(&fk),
         };
         let old_losers: Vec<ServiceKey> = self
@@ -358,10 +353,9 @@ impl Index {
             .take_while(|(k, _)| *k == fk)
             .map(|(_, s)| s.clone())
             .collect();
-        let new_losers: Vec<ServiceKey> = claimants
-            .map(|c| c.keys().skip(1).cloned().collect())
-            .unwrap_or_default();
-        if claimants.is_some_and(BTreeMap::is_empty) {
+        let new_losers: Vec<ServiceKey> =
+            claimants.map(|c| c.iter().skip(1).map(|(k, _)| k.clone()).collect()).unwrap_or_default();
+        if claimants.is_some_and(Vec::is_empty) {
             self.claims.remove(&fk);
         }
         if old_losers == new_losers {
@@ -394,14 +388,10 @@ impl Index {
     fn build_service(&self, key: &ServiceKey, old: Option<&Service>) -> (Option<Service>, Vec<FrontendKey>) {
         let listener = self.listeners.get(key);
         let Some(input) = self.services.get(key) else {
-            return (
-                listener.map(|l| l.to_service(|h| self.resolved.get(h).cloned())),
-                Vec::new(),
-            );
+            return (listener.map(|l| l.to_service(|h| self.resolved.get(h).cloned())), Vec::new());
         };
-        let shadowed = listener
-            .map(|l| vec![Frontend::Listener(l.address).key(l.protocol)])
-            .unwrap_or_default();
+        let shadowed =
+            listener.map(|l| vec![Frontend::Listener(l.address).key(l.protocol)]).unwrap_or_default();
         let mut svc = build_kube_service(key, input, self.slices.get(key), self.node.as_ref());
         if let Some(old) = old {
             for (i, port) in svc.ports.iter_mut().enumerate() {
@@ -418,7 +408,7 @@ impl Index {
 fn build_kube_service(
     key: &ServiceKey,
     input: &ServiceInput,
-    slices: Option<&BTreeMap<Arc<str>, SliceInput>>,
+    slices: Option<&Vec<(Arc<str>, SliceInput)>>,
     node: Option<&NodeInfo>,
 ) -> Service {
     let mut ports = Vec::new();
@@ -436,16 +426,7 @@ fn build_kube_service(
         match input.kind {
             ServiceKind::ExternalName => {}
             ServiceKind::Headless => {
-                ports.push(make_port(
-                    key,
-                    input,
-                    p,
-                    Vec::new(),
-                    Vec::new(),
-                    endpoints,
-                    node,
-                    false,
-                ));
+                ports.push(make_port(key, input, p, Vec::new(), Vec::new(), endpoints, node, false));
             }
             ServiceKind::Proxied => {
                 for (i, &v4) in families.iter().enumerate() {
@@ -468,32 +449,16 @@ fn build_kube_service(
                         || frontends
                             .iter()
                             .any(|f| matches!(f, Frontend::LoadBalancer(_) | Frontend::ExternalIp(_)));
-                    let ranges = input
-                        .source_ranges
-                        .iter()
-                        .filter(|r| fam(&r.addr()))
-                        .copied()
-                        .collect();
+                    let ranges = input.source_ranges.iter().filter(|r| fam(&r.addr())).copied().collect();
                     let eps = endpoints.iter().filter(|e| fam(&e.addr.ip())).cloned().collect();
-                    ports.push(make_port(
-                        key,
-                        input,
-                        p,
-                        frontends,
-                        ranges,
-                        eps,
-                        node,
-                        externally_accessible,
-                    ));
+                    ports.push(make_port(key, input, p, frontends, ranges, eps, node, externally_accessible));
                 }
             }
         }
     }
     Service {
         key: key.clone(),
-        origin: Origin::Kubernetes {
-            service_type: input.service_type.to_string(),
-        },
+        origin: Origin::Kubernetes { service_type: input.service_type.to_string() },
         ports,
         health_check_node_port: input.health_check_node_port,
     }
@@ -533,14 +498,10 @@ fn make_port(
 /// The endpoints of service port `p` across all slices: matched by port name and protocol,
 /// deduplicated by address (a non-terminating entry wins, then the first by slice name), sorted
 /// by address.
-fn port_endpoints(p: &kube::PortInput, slices: Option<&BTreeMap<Arc<str>, SliceInput>>) -> Vec<Endpoint> {
+fn port_endpoints(p: &kube::PortInput, slices: Option<&Vec<(Arc<str>, SliceInput)>>) -> Vec<Endpoint> {
     let mut out = Vec::new();
-    for slice in slices.into_iter().flat_map(BTreeMap::values) {
-        for sp in slice
-            .ports
-            .iter()
-            .filter(|sp| sp.name == p.name && sp.protocol == p.protocol)
-        {
+    for (_, slice) in slices.into_iter().flatten() {
+        for sp in slice.ports.iter().filter(|sp| sp.name == p.name && sp.protocol == p.protocol) {
             out.extend(slice.endpoints.iter().map(|e| Endpoint {
                 addr: SocketAddr::new(e.ip, sp.port),
                 ready: e.ready,

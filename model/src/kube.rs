@@ -91,12 +91,7 @@ pub(crate) fn matches_proxy_name(
 impl NodeInfo {
     /// The node's name and its `topology.kubernetes.io/zone` label.
     pub fn from_node(node: &Node) -> Self {
-        let zone = node
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(ZONE_LABEL))
-            .filter(|z| !z.is_empty());
+        let zone = node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).filter(|z| !z.is_empty());
         Self {
             name: node.metadata.name.as_deref().unwrap_or_default().into(),
             zone: zone.map(|z| z.as_str().into()),
@@ -207,11 +202,7 @@ fn port16(p: i32) -> Option<u16> {
 }
 
 fn policy(p: Option<&str>) -> TrafficPolicy {
-    if p == Some("Local") {
-        TrafficPolicy::Local
-    } else {
-        TrafficPolicy::Cluster
-    }
+    if p == Some("Local") { TrafficPolicy::Local } else { TrafficPolicy::Cluster }
 }
 
 /// Parses `s`, trimmed; `None` (ignored) when invalid.
@@ -225,10 +216,7 @@ impl ServiceInput {
     /// Translates a Service. Label rules are the caller's business (see [`is_proxied_by`]).
     pub(crate) fn from_service(svc: &KubeService) -> Self {
         let spec = svc.spec.as_ref();
-        let service_type: Arc<str> = spec
-            .and_then(|s| s.type_.as_deref())
-            .unwrap_or("ClusterIP")
-            .into();
+        let service_type: Arc<str> = spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP").into();
         let cluster_ip_strs: Vec<&str> = match spec.and_then(|s| s.cluster_ips.as_ref()) {
             Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
             _ => spec.and_then(|s| s.cluster_ip.as_deref()).into_iter().collect(),
@@ -273,10 +261,7 @@ impl ServiceInput {
             _ => Vec::new(),
         };
         let source_ranges = match spec.and_then(|s| s.load_balancer_source_ranges.as_ref()) {
-            Some(ranges) if proxied => ranges
-                .iter()
-                .filter_map(|r| r.trim().parse::<IpNet>().ok())
-                .collect(),
+            Some(ranges) if proxied => ranges.iter().filter_map(|r| r.trim().parse::<IpNet>().ok()).collect(),
             _ => Vec::new(),
         };
         let session_affinity = if spec.and_then(|s| s.session_affinity.as_deref()) == Some("ClientIP") {
@@ -287,9 +272,7 @@ impl ServiceInput {
                 .and_then(|t| u64::try_from(t).ok())
                 .filter(|t| *t > 0)
                 .map_or(service::DEFAULT_AFFINITY_TIMEOUT, Duration::from_secs);
-            SessionAffinity::ClientIp {
-                timeout: secs.min(service::MAX_AFFINITY_TIMEOUT),
-            }
+            SessionAffinity::ClientIp { timeout: secs.min(service::MAX_AFFINITY_TIMEOUT) }
         } else {
             SessionAffinity::None
         };
@@ -298,12 +281,7 @@ impl ServiceInput {
             .and_then(|s| s.health_check_node_port)
             .and_then(port16)
             .filter(|_| &*service_type == "LoadBalancer" && external_traffic_policy == TrafficPolicy::Local);
-        let balancing = match svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(BALANCING_ANNOTATION))
-        {
+        let balancing = match svc.metadata.annotations.as_ref().and_then(|a| a.get(BALANCING_ANNOTATION)) {
             Some(b) if b == "RoundRobin" => Balancing::RoundRobin,
             Some(b) if b == "LeastConnections" => Balancing::LeastConnections,
             _ => Balancing::Random,
@@ -352,18 +330,10 @@ impl SliceInput {
                 let ip = ip(e.addresses.first()?)?;
                 let cond = e.conditions.as_ref();
                 let hints = e.hints.as_ref().and_then(|h| {
-                    let for_zones: Vec<Arc<str>> = h
-                        .for_zones
-                        .iter()
-                        .flatten()
-                        .map(|z| interner.get(&z.name))
-                        .collect();
-                    let for_nodes: Vec<Arc<str>> = h
-                        .for_nodes
-                        .iter()
-                        .flatten()
-                        .map(|n| interner.get(&n.name))
-                        .collect();
+                    let for_zones: Vec<Arc<str>> =
+                        h.for_zones.iter().flatten().map(|z| interner.get(&z.name)).collect();
+                    let for_nodes: Vec<Arc<str>> =
+                        h.for_nodes.iter().flatten().map(|n| interner.get(&n.name)).collect();
                     (!for_zones.is_empty() || !for_nodes.is_empty())
                         .then(|| Box::new(EndpointHints { for_zones, for_nodes }))
                 });

@@ -197,12 +197,8 @@ impl Backend {
         if let Ok(addr) = s.parse::<SocketAddr>() {
             return Ok(Self::Addr(addr));
         }
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?} is not host:port"))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("{s:?} has an invalid port {port:?}"))?;
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let port: u16 = port.parse().map_err(|_| format!("{s:?} has an invalid port {port:?}"))?;
         if port == 0 {
             return Err(format!("{s:?} has port 0"));
         }
@@ -211,14 +207,9 @@ impl Backend {
         }
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         if !is_dns_name(&host) {
-            return Err(format!(
-                "{s:?}: {host:?} is neither an IP address nor a valid DNS name"
-            ));
+            return Err(format!("{s:?}: {host:?} is neither an IP address nor a valid DNS name"));
         }
-        Ok(Self::Name {
-            host: host.into(),
-            port,
-        })
+        Ok(Self::Name { host: host.into(), port })
     }
 }
 
@@ -246,20 +237,14 @@ pub struct FieldError {
 }
 
 fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.into(),
-        message: message.into(),
-    }
+    FieldError { field: field.into(), message: message.into() }
 }
 
 fn seconds(field: &str, value: Option<f64>, default: Duration) -> Result<Duration, FieldError> {
     match value {
         None => Ok(default),
         Some(v) if v.is_finite() && v > 0.0 && v <= 31_536_000.0 => Ok(Duration::from_secs_f64(v)),
-        Some(v) => Err(field_err(
-            field,
-            format!("{v} is not a positive number of seconds"),
-        )),
+        Some(v) => Err(field_err(field, format!("{v} is not a positive number of seconds"))),
     }
 }
 
@@ -327,26 +312,17 @@ impl Listener {
         let session_affinity = match &spec.session_affinity {
             None => SessionAffinity::None,
             Some(a) => {
-                let secs = a
-                    .client_ip
-                    .timeout_seconds
-                    .unwrap_or(service::DEFAULT_AFFINITY_TIMEOUT.as_secs());
+                let secs = a.client_ip.timeout_seconds.unwrap_or(service::DEFAULT_AFFINITY_TIMEOUT.as_secs());
                 if secs == 0 || secs > service::MAX_AFFINITY_TIMEOUT.as_secs() {
                     return Err(field_err(
                         "spec.sessionAffinity.clientIP.timeoutSeconds",
                         format!("{secs} is not within 1..=86400"),
                     ));
                 }
-                SessionAffinity::ClientIp {
-                    timeout: Duration::from_secs(secs),
-                }
+                SessionAffinity::ClientIp { timeout: Duration::from_secs(secs) }
             }
         };
-        let health_check = spec
-            .health_check
-            .as_ref()
-            .map(|h| h.validate(spec.protocol))
-            .transpose()?;
+        let health_check = spec.health_check.as_ref().map(|h| h.validate(spec.protocol)).transpose()?;
         let passive_health = match &spec.passive_health {
             None => PassiveHealth::default(),
             Some(p) => PassiveHealth {
@@ -370,17 +346,11 @@ impl Listener {
             None => defaults.connect_attempts,
             Some(n @ 1..=16) => n,
             Some(n) => {
-                return Err(field_err(
-                    "spec.connectAttempts",
-                    format!("{n} is not within 1..=16"),
-                ));
+                return Err(field_err("spec.connectAttempts", format!("{n} is not within 1..=16")));
             }
         };
-        let udp_idle = seconds(
-            "spec.udpIdleTimeoutSeconds",
-            spec.udp_idle_timeout_seconds,
-            defaults.udp_idle,
-        )?;
+        let udp_idle =
+            seconds("spec.udpIdleTimeoutSeconds", spec.udp_idle_timeout_seconds, defaults.udp_idle)?;
         Ok(ValidListener {
             key: ServiceKey::new(namespace, name),
             address,
@@ -390,11 +360,7 @@ impl Listener {
             session_affinity,
             health_check,
             passive_health,
-            timeouts: Timeouts {
-                connect,
-                connect_attempts,
-                udp_idle,
-            },
+            timeouts: Timeouts { connect, connect_attempts, udp_idle },
         })
     }
 }
@@ -416,10 +382,7 @@ impl HealthCheckSpec {
                 let expected_statuses = match &http.expected_statuses {
                     None => vec![(200, 399)],
                     Some(list) if list.is_empty() => {
-                        return Err(field_err(
-                            "spec.healthCheck.http.expectedStatuses",
-                            "must not be empty",
-                        ));
+                        return Err(field_err("spec.healthCheck.http.expectedStatuses", "must not be empty"));
                     }
                     Some(list) => list
                         .iter()
@@ -434,39 +397,20 @@ impl HealthCheckSpec {
                         })
                         .collect::<Result<_, _>>()?,
                 };
-                HealthCheckKind::Http {
-                    path,
-                    host: http.host.clone(),
-                    expected_statuses,
-                }
+                HealthCheckKind::Http { path, host: http.host.clone(), expected_statuses }
             }
         };
         if protocol == Protocol::Udp {
-            return Err(field_err(
-                "spec.healthCheck",
-                "active health checks need a TCP listener",
-            ));
+            return Err(field_err("spec.healthCheck", "active health checks need a TCP listener"));
         }
-        let interval = seconds(
-            "spec.healthCheck.intervalSeconds",
-            self.interval_seconds,
-            Duration::from_secs(2),
-        )?;
-        let timeout = seconds(
-            "spec.healthCheck.timeoutSeconds",
-            self.timeout_seconds,
-            Duration::from_secs(1),
-        )?;
+        let interval =
+            seconds("spec.healthCheck.intervalSeconds", self.interval_seconds, Duration::from_secs(2))?;
+        let timeout =
+            seconds("spec.healthCheck.timeoutSeconds", self.timeout_seconds, Duration::from_secs(1))?;
         let healthy_threshold = threshold("spec.healthCheck.healthyThreshold", self.healthy_threshold, 2)?;
         let unhealthy_threshold =
             threshold("spec.healthCheck.unhealthyThreshold", self.unhealthy_threshold, 3)?;
-        Ok(HealthCheck {
-            kind,
-            interval,
-            timeout,
-            healthy_threshold,
-            unhealthy_threshold,
-        })
+        Ok(HealthCheck { kind, interval, timeout, healthy_threshold, unhealthy_threshold })
     }
 }
 

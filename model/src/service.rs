@@ -29,10 +29,7 @@ pub struct ServiceKey {
 impl ServiceKey {
     /// Builds a key from namespace and name.
     pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        Self { namespace: namespace.into(), name: name.into() }
     }
 }
 
@@ -178,10 +175,7 @@ pub struct PassiveHealth {
 
 impl Default for PassiveHealth {
     fn default() -> Self {
-        Self {
-            consecutive_failures: 3,
-            ejection: Duration::from_secs(10),
-        }
+        Self { consecutive_failures: 3, ejection: Duration::from_secs(10) }
     }
 }
 
@@ -201,11 +195,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self {
-            connect: Duration::from_secs(1),
-            connect_attempts: 3,
-            udp_idle: Duration::from_secs(30),
-        }
+        Self { connect: Duration::from_secs(1), connect_attempts: 3, udp_idle: Duration::from_secs(30) }
     }
 }
 

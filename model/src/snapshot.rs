@@ -82,10 +82,7 @@ mod ser {
     ) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(list.len()))?;
         for (fk, loser) in list {
-            seq.serialize_element(&Conflict {
-                frontend: fk.to_string(),
-                loser: loser.to_string(),
-            })?;
+            seq.serialize_element(&Conflict { frontend: fk.to_string(), loser: loser.to_string() })?;
         }
         seq.end()
     }

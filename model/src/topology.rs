@@ -79,9 +79,7 @@ pub(crate) fn categorize_arc(
     let mut cluster = empty.clone();
     if uses_cluster {
         topology = topology_mode(&all, node_name, zone);
-        cluster = filter(&all, |ep| {
-            ep.ready && available_for_topology(ep, topology, node_name, zone)
-        });
+        cluster = filter(&all, |ep| ep.ready && available_for_topology(ep, topology, node_name, zone));
         if cluster.is_empty() {
             cluster = filter(&all, |ep| ep.serving && ep.terminating);
         }
@@ -107,13 +105,7 @@ pub(crate) fn categorize_arc(
             local = filter(&all, |ep| is_local(ep) && ep.serving && ep.terminating);
         }
     }
-    Endpoints {
-        all,
-        cluster,
-        local,
-        has_any,
-        topology,
-    }
+    Endpoints { all, cluster, local, has_any, topology }
 }
 
 /// Step 2a: the topology mode, from the hints of Ready endpoints.

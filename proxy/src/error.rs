@@ -100,22 +100,12 @@ mod tests {
     #[test]
     fn sides_and_retry() {
         let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
-        let e = Error::Connect {
-            addr,
-            source: io::ErrorKind::ConnectionRefused.into(),
-        };
+        let e = Error::Connect { addr, source: io::ErrorKind::ConnectionRefused.into() };
         assert_eq!(e.side(), Side::Upstream);
         assert!(e.is_retryable());
         let e = Error::Client(io::ErrorKind::ConnectionReset.into());
         assert_eq!(e.side(), Side::Client);
         assert!(!e.is_retryable());
-        assert_eq!(
-            Error::Bind {
-                addr,
-                source: io::ErrorKind::AddrInUse.into()
-            }
-            .side(),
-            Side::Local
-        );
+        assert_eq!(Error::Bind { addr, source: io::ErrorKind::AddrInUse.into() }.side(), Side::Local);
     }
 }

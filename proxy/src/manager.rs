@@ -9,12 +9,15 @@
 //! - unchanged ones are untouched (never re-bound). When the port's `Arc<ServicePort>` or the
 //!   endpoint set changed, a new [`Pool`] (carrying over endpoint state) is swapped in.
 //!
+//! Active health checks ([`Checks`]) follow the running listeners' pools: probes start for new
+//! endpoints, stop for removed ones, and restart when a port's check configuration changes.
+//!
 //! Token tree: `force` (cancelled at the end of shutdown) -> one `drain` token per listener ->
 //! one token per endpoint. A connection waits on its endpoint's token only.
 
 use std::{collections::HashMap, fmt, io, net::SocketAddr, sync::Arc, time::Duration};
 
-use ferry_lb::Pool;
+use ferry_lb::{Checks, Pool};
 use ferry_model::{Endpoint, Frontend, FrontendKey, Protocol, ServicePort, Snapshot};
 use socket2::{Domain, Socket, Type};
 use tokio::{
@@ -59,10 +62,7 @@ impl FrontendFilter for ListenerFrontends {
     fn bindings(&self, key: &FrontendKey, port: &ServicePort, out: &mut Vec<Binding>) {
         let FrontendKey::Addr(_, addr) = *key else { return };
         if port.frontends.contains(&Frontend::Listener(addr)) {
-            out.push(Binding {
-                addr,
-                endpoints: port.endpoints.cluster.clone(),
-            });
+            out.push(Binding { addr, endpoints: port.endpoints.cluster.clone() });
         }
     }
 }
@@ -89,6 +89,8 @@ pub struct Manager {
     force: CancellationToken,
     bound: watch::Sender<Vec<(FrontendKey, SocketAddr)>>,
     failed: usize,
+    /// Active health probes of every running listener's endpoints.
+    checks: Checks,
 }
 
 // === impl Manager ===
@@ -103,6 +105,7 @@ impl Manager {
             force: CancellationToken::new(),
             bound: watch::Sender::new(Vec::new()),
             failed: 0,
+            checks: Checks::new(),
         }
     }
 
@@ -115,18 +118,12 @@ impl Manager {
 
     /// The bound local address of the listener for `key`, if it runs.
     pub fn local_addr(&self, key: &FrontendKey) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(k, _)| k.0 == *key)
-            .map(|(_, r)| r.local)
+        self.listeners.iter().find(|(k, _)| k.0 == *key).map(|(_, r)| r.local)
     }
 
     /// The state of the listener for `key`, if it runs (connection counts, current pool).
     pub fn listener(&self, key: &FrontendKey) -> Option<&Arc<ListenerState>> {
-        self.listeners
-            .iter()
-            .find(|(k, _)| k.0 == *key)
-            .map(|(_, r)| &r.state)
+        self.listeners.iter().find(|(k, _)| k.0 == *key).map(|(_, r)| &r.state)
     }
 
     /// A channel that carries [`Manager::bound`] after every [`Manager::apply`].
@@ -152,12 +149,8 @@ impl Manager {
             }
         }
 
-        let gone: Vec<ListenerKey> = self
-            .listeners
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .copied()
-            .collect();
+        let gone: Vec<ListenerKey> =
+            self.listeners.keys().filter(|k| !want.contains_key(k)).copied().collect();
         for key in gone {
             if let Some(r) = self.listeners.remove(&key) {
                 tracing::info!(listener = %r.state.name(), local = %r.local, "closing listener");
@@ -194,6 +187,8 @@ impl Manager {
         }
         self.failed = errors.len();
         self.bound.send_replace(self.bound());
+        let upstreams: Vec<_> = self.listeners.values().map(|r| r.state.upstreams()).collect();
+        self.checks.sync_all(upstreams.iter().map(|u| u.pool()));
         errors
     }
 
@@ -212,22 +207,12 @@ impl Manager {
             .and_then(|a| a.as_socket().ok_or_else(|| io::Error::other("not an IP socket")))
             .map_err(|source| (name.clone(), Error::Bind { addr, source }))?;
         let pool = Pool::new(port.clone(), &endpoints, None);
-        let state = ListenerState::new(
-            name,
-            pool,
-            &endpoints,
-            self.force.child_token(),
-            self.config.drain_timeout,
-        );
+        let state =
+            ListenerState::new(name, pool, &endpoints, self.force.child_token(), self.config.drain_timeout);
         let stop = CancellationToken::new();
         let spawned = match protocol {
             Protocol::Udp => UdpSocket::from_std(socket.into()).map(|s| {
-                state.tasks.spawn(udp::serve(
-                    s,
-                    state.clone(),
-                    self.config.max_udp_flows,
-                    stop.clone(),
-                ))
+                state.tasks.spawn(udp::serve(s, state.clone(), self.config.max_udp_flows, stop.clone()))
             }),
             _ => TcpListener::from_std(socket.into())
                 .map(|l| state.tasks.spawn(tcp::serve(l, state.clone(), stop.clone()))),
@@ -235,13 +220,7 @@ impl Manager {
         if let Err(source) = spawned {
             return Err((state.name().to_string(), Error::Bind { addr, source }));
         }
-        Ok(Running {
-            port,
-            endpoints,
-            state,
-            stop,
-            local,
-        })
+        Ok(Running { port, endpoints, state, stop, local })
     }
 
     /// Stops accepting on `r`; its connections get the drain timeout to finish.
@@ -291,6 +270,7 @@ impl Manager {
     /// Closes every listener at once, lets connections finish for up to the drain timeout,
     /// then force-closes the rest.
     pub async fn shutdown(mut self) {
+        self.checks.shutdown().await;
         for (_, r) in self.listeners.drain() {
             r.stop.cancel();
             r.state.tasks.close();
@@ -303,10 +283,7 @@ impl Manager {
                 s.tasks.wait().await;
             }
         };
-        if tokio::time::timeout(self.config.drain_timeout, all)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(self.config.drain_timeout, all).await.is_err() {
             tracing::info!("drain timeout passed; closing remaining connections");
             self.force.cancel();
             let all = async {
@@ -333,11 +310,7 @@ impl Drop for Manager {
 /// A non-blocking frontend socket: `SO_REUSEADDR`, `SO_REUSEPORT`, `IPV6_V6ONLY` for v6,
 /// listening with a backlog of [`BACKLOG`] for TCP.
 fn bind(protocol: Protocol, addr: SocketAddr) -> io::Result<Socket> {
-    let ty = if protocol == Protocol::Udp {
-        Type::DGRAM
-    } else {
-        Type::STREAM
-    };
+    let ty = if protocol == Protocol::Udp { Type::DGRAM } else { Type::STREAM };
     let socket = Socket::new(Domain::for_address(addr), ty, None)?;
     socket.set_reuse_address(true)?;
     #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]

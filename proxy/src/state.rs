@@ -125,24 +125,14 @@ impl ListenerState {
             .iter()
             .map(|e| {
                 let token = drain.child_token();
-                entries.insert(
-                    e.addr,
-                    DrainEntry {
-                        token: token.clone(),
-                        pending: None,
-                    },
-                );
+                entries.insert(e.addr, DrainEntry { token: token.clone(), pending: None });
                 (e.addr, token)
             })
             .collect();
         Arc::new(Self {
             metrics: ListenerMetrics::new(&name),
             name,
-            upstreams: ArcSwap::from_pointee(Upstreams {
-                pool,
-                drains,
-                generation: 0,
-            }),
+            upstreams: ArcSwap::from_pointee(Upstreams { pool, drains, generation: 0 }),
             drain,
             tasks: TaskTracker::new(),
             drain_timeout,
@@ -199,10 +189,9 @@ impl ListenerState {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.retain(|addr, e| present.contains(addr) || !e.token.is_cancelled());
         for addr in &present {
-            let e = entries.entry(*addr).or_insert_with(|| DrainEntry {
-                token: self.drain.child_token(),
-                pending: None,
-            });
+            let e = entries
+                .entry(*addr)
+                .or_insert_with(|| DrainEntry { token: self.drain.child_token(), pending: None });
             if let Some(p) = e.pending.take() {
                 p.cancel();
             }
@@ -233,20 +222,10 @@ impl ListenerState {
         let drains = present
             .iter()
             .map(|a| {
-                (
-                    *a,
-                    entries
-                        .get(a)
-                        .map(|e| e.token.clone())
-                        .unwrap_or_else(|| self.drain.child_token()),
-                )
+                (*a, entries.get(a).map(|e| e.token.clone()).unwrap_or_else(|| self.drain.child_token()))
             })
             .collect();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.upstreams.store(Arc::new(Upstreams {
-            pool,
-            drains,
-            generation,
-        }));
+        self.upstreams.store(Arc::new(Upstreams { pool, drains, generation }));
     }
 }

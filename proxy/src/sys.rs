@@ -131,11 +131,7 @@ pub(crate) mod pktinfo {
                 mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        if rc != 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
     /// Asks the kernel to report each datagram's destination address.
@@ -151,10 +147,7 @@ pub(crate) mod pktinfo {
     pub(crate) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
         let mut name = MaybeUninit::<libc::sockaddr_storage>::zeroed();
         let mut control = Control([0; 64]);
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
         // SAFETY: an all-zero msghdr is a valid (empty) value.
         let mut msg: libc::msghdr = unsafe { mem::zeroed() };
         msg.msg_name = name.as_mut_ptr().cast();
@@ -227,10 +220,7 @@ pub(crate) mod pktinfo {
             (to, _) => to,
         });
         let mut control = Control([0; 64]);
-        let mut iov = libc::iovec {
-            iov_base: buf.as_ptr().cast_mut().cast(),
-            iov_len: buf.len(),
-        };
+        let mut iov = libc::iovec { iov_base: buf.as_ptr().cast_mut().cast(), iov_len: buf.len() };
         // SAFETY: an all-zero msghdr is a valid (empty) value.
         let mut msg: libc::msghdr = unsafe { mem::zeroed() };
         msg.msg_name = to.as_ptr().cast_mut().cast();
@@ -243,16 +233,10 @@ pub(crate) mod pktinfo {
         // payload write stays within CMSG_LEN(size) bytes of the header.
         unsafe {
             let (level, ty, size) = match from {
-                IpAddr::V4(_) => (
-                    libc::IPPROTO_IP,
-                    libc::IP_PKTINFO,
-                    mem::size_of::<libc::in_pktinfo>(),
-                ),
-                IpAddr::V6(_) => (
-                    libc::IPPROTO_IPV6,
-                    libc::IPV6_PKTINFO,
-                    mem::size_of::<libc::in6_pktinfo>(),
-                ),
+                IpAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_PKTINFO, mem::size_of::<libc::in_pktinfo>()),
+                IpAddr::V6(_) => {
+                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, mem::size_of::<libc::in6_pktinfo>())
+                }
             };
             let size = size as libc::c_uint;
             msg.msg_controllen = libc::CMSG_SPACE(size) as _;
@@ -264,9 +248,7 @@ pub(crate) mod pktinfo {
                 IpAddr::V4(ip) => {
                     let info = libc::in_pktinfo {
                         ipi_ifindex: 0,
-                        ipi_spec_dst: libc::in_addr {
-                            s_addr: u32::from(ip).to_be(),
-                        },
+                        ipi_spec_dst: libc::in_addr { s_addr: u32::from(ip).to_be() },
                         ipi_addr: libc::in_addr { s_addr: 0 },
                     };
                     std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);

@@ -42,9 +42,8 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// `state`'s current pool. Connections are spawned on `state.tasks()` and outlive the loop; they
 /// end by themselves, or when `state.drain_token()` (or their endpoint's drain) is cancelled.
 pub async fn serve(listener: TcpListener, state: Arc<ListenerState>, stop: CancellationToken) {
-    let local = listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+    let local =
+        listener.local_addr().unwrap_or_else(|_| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
     tracing::debug!(listener = %state.name(), %local, "accepting");
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -124,10 +123,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
                 break Some((server, lease));
             }
             Ok(Err(source)) => Error::Connect { addr, source },
-            Err(_) => Error::ConnectTimeout {
-                addr,
-                timeout: timeouts.connect,
-            },
+            Err(_) => Error::ConnectTimeout { addr, timeout: timeouts.connect },
         };
         lease.endpoint().report_connect_failure();
         state.metrics.connect_failures.increment(1);
@@ -139,10 +135,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
         reset(&client);
         return;
     };
-    let drain = upstreams
-        .drain_token(lease.addr())
-        .unwrap_or(state.drain_token())
-        .clone();
+    let drain = upstreams.drain_token(lease.addr()).unwrap_or(state.drain_token()).clone();
     // Do not keep the whole pool alive for the connection's lifetime.
     drop(upstreams);
     tune(&server);
@@ -175,9 +168,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
 /// TCP_NODELAY and keepalive; failures only cost latency or liveness detection.
 fn tune(s: &TcpStream) {
     let _ = s.set_nodelay(true);
-    let ka = TcpKeepalive::new()
-        .with_time(KEEPALIVE_TIME)
-        .with_interval(KEEPALIVE_INTERVAL);
+    let ka = TcpKeepalive::new().with_time(KEEPALIVE_TIME).with_interval(KEEPALIVE_INTERVAL);
     let _ = SockRef::from(s).set_tcp_keepalive(&ka);
 }
 
@@ -239,15 +230,9 @@ mod splice {
         let mut up_left = 0;
         let mut down_left = 0;
         let r = tokio::try_join!(
+            async { one_way(client, server, &up, &mut up_left, rx).await.map_err(|f| side_error(f, true)) },
             async {
-                one_way(client, server, &up, &mut up_left, rx)
-                    .await
-                    .map_err(|f| side_error(f, true))
-            },
-            async {
-                one_way(server, client, &down, &mut down_left, tx)
-                    .await
-                    .map_err(|f| side_error(f, false))
+                one_way(server, client, &down, &mut down_left, tx).await.map_err(|f| side_error(f, false))
             },
         );
         // A pipe that may still hold bytes is closed, never reused.
@@ -312,11 +297,7 @@ mod copy {
     ) -> Result<(u64, u64), Error> {
         tokio::try_join!(
             async { one_way(client, server, rx).await.map_err(|f| side_error(f, true)) },
-            async {
-                one_way(server, client, tx)
-                    .await
-                    .map_err(|f| side_error(f, false))
-            },
+            async { one_way(server, client, tx).await.map_err(|f| side_error(f, false)) },
         )
     }
 

@@ -50,10 +50,7 @@ impl Harness {
     fn new(drain: Duration) -> Self {
         Self {
             index: Index::new(None),
-            mgr: Manager::new(ProxyConfig {
-                drain_timeout: drain,
-                ..ProxyConfig::default()
-            }),
+            mgr: Manager::new(ProxyConfig { drain_timeout: drain, ..ProxyConfig::default() }),
         }
     }
 
@@ -125,10 +122,7 @@ async fn request(proxy: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
 async fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) {
     s.write_all(msg).await.expect("write");
     let mut buf = vec![0; msg.len()];
-    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
-        .await
-        .expect("echo in time")
-        .expect("echo");
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf)).await.expect("echo in time").expect("echo");
     assert_eq!(buf, msg);
 }
 
@@ -184,10 +178,8 @@ async fn half_close_reply_after_eof() {
     h.set(listener("web", "127.0.0.1:0", Protocol::Tcp, &[a]));
     let proxy = h.addr(Protocol::Tcp, "127.0.0.1:0");
     let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-    let out = tokio::time::timeout(DEADLINE, request(proxy, &payload))
-        .await
-        .expect("in time")
-        .expect("request");
+    let out =
+        tokio::time::timeout(DEADLINE, request(proxy, &payload)).await.expect("in time").expect("request");
     assert_eq!(out.len(), payload.len() + 1);
     assert_eq!(out[0], 7);
     assert!(out[1..] == payload[..]);
@@ -211,13 +203,8 @@ async fn upstream_reset_reaches_client() {
     let mut s = TcpStream::connect(proxy).await.expect("connect");
     s.write_all(b"hi").await.expect("write");
     let mut buf = [0u8; 8];
-    let r = tokio::time::timeout(DEADLINE, s.read(&mut buf))
-        .await
-        .expect("in time");
-    assert_eq!(
-        r.map_err(|e| e.kind()).expect_err("reset, not EOF"),
-        io::ErrorKind::ConnectionReset
-    );
+    let r = tokio::time::timeout(DEADLINE, s.read(&mut buf)).await.expect("in time");
+    assert_eq!(r.map_err(|e| e.kind()).expect_err("reset, not EOF"), io::ErrorKind::ConnectionReset);
 }
 
 #[tokio::test]
@@ -240,14 +227,9 @@ async fn client_reset_reaches_upstream() {
     s.write_all(b"hi").await.expect("write");
     let mut buf = [0u8; 2];
     s.read_exact(&mut buf).await.expect("ok");
-    socket2::SockRef::from(&s)
-        .set_linger(Some(Duration::ZERO))
-        .expect("linger");
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).expect("linger");
     drop(s);
-    let r = tokio::time::timeout(DEADLINE, rx)
-        .await
-        .expect("in time")
-        .expect("result");
+    let r = tokio::time::timeout(DEADLINE, rx).await.expect("in time").expect("result");
     assert_eq!(r, Err(io::ErrorKind::ConnectionReset));
 }
 
@@ -255,22 +237,11 @@ async fn client_reset_reaches_upstream() {
 async fn no_endpoint_closes_client_at_once() {
     let mut h = Harness::new(DEADLINE);
     h.set(listener("empty", "127.0.0.1:0", Protocol::Tcp, &[]));
-    h.set(listener(
-        "dead",
-        "127.0.0.2:0",
-        Protocol::Tcp,
-        &[dead_addr(), dead_addr()],
-    ));
-    for addr in [
-        h.addr(Protocol::Tcp, "127.0.0.1:0"),
-        h.addr(Protocol::Tcp, "127.0.0.2:0"),
-    ] {
+    h.set(listener("dead", "127.0.0.2:0", Protocol::Tcp, &[dead_addr(), dead_addr()]));
+    for addr in [h.addr(Protocol::Tcp, "127.0.0.1:0"), h.addr(Protocol::Tcp, "127.0.0.2:0")] {
         let start = Instant::now();
         let mut s = TcpStream::connect(addr).await.expect("connect");
-        assert!(
-            ends_within(&mut s, Duration::from_secs(2)).await,
-            "client not closed"
-        );
+        assert!(ends_within(&mut s, Duration::from_secs(2)).await, "client not closed");
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 }
@@ -333,10 +304,7 @@ async fn drain_deadline_closes_connections_of_removed_endpoint() {
     let removed = Instant::now();
     h.set(listener("web", "127.0.0.1:0", Protocol::Tcp, &[b]));
     echo_roundtrip(&mut s, b"two").await;
-    assert!(
-        ends_within(&mut s, DEADLINE).await,
-        "connection outlived the drain timeout"
-    );
+    assert!(ends_within(&mut s, DEADLINE).await, "connection outlived the drain timeout");
     let took = removed.elapsed();
     assert!(took >= drain, "closed before the drain timeout: {took:?}");
     // A connection to the remaining endpoint is unaffected.
@@ -358,10 +326,7 @@ async fn drain_deadline_closes_connections_of_removed_listener() {
     let removed = Instant::now();
     h.index.delete_listener(&key);
     h.apply();
-    assert!(
-        ends_within(&mut s, DEADLINE).await,
-        "connection outlived the drain timeout"
-    );
+    assert!(ends_within(&mut s, DEADLINE).await, "connection outlived the drain timeout");
     assert!(removed.elapsed() >= drain);
 }
 
@@ -438,18 +403,10 @@ async fn udp_flows_expire_after_idle() {
     let proxy = h.addr(Protocol::Udp, "127.0.0.1:0");
     let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let first = udp_ask(&c, proxy, b"port?").await;
-    assert_eq!(
-        udp_ask(&c, proxy, b"port?").await,
-        first,
-        "same flow within the idle timeout"
-    );
+    assert_eq!(udp_ask(&c, proxy, b"port?").await, first, "same flow within the idle timeout");
     // Waiting out the idle timeout is the behaviour under test.
     tokio::time::sleep(idle * 4).await;
-    assert_ne!(
-        udp_ask(&c, proxy, b"port?").await,
-        first,
-        "flow should have expired"
-    );
+    assert_ne!(udp_ask(&c, proxy, b"port?").await, first, "flow should have expired");
 }
 
 #[tokio::test]
@@ -470,32 +427,18 @@ async fn udp_flow_table_is_bounded() {
     let (a, _ta) = udp_backend(1).await;
     let mut index = Index::new(None);
     index.apply_listener(udp_listener(&[a], Duration::from_secs(30)));
-    let mut mgr = Manager::new(ProxyConfig {
-        max_udp_flows: 4,
-        ..ProxyConfig::default()
-    });
+    let mut mgr = Manager::new(ProxyConfig { max_udp_flows: 4, ..ProxyConfig::default() });
     assert!(mgr.apply(&index.build()).is_empty());
     let proxy = mgr
-        .local_addr(&FrontendKey::Addr(
-            Protocol::Udp,
-            "127.0.0.1:0".parse().expect("addr"),
-        ))
+        .local_addr(&FrontendKey::Addr(Protocol::Udp, "127.0.0.1:0".parse().expect("addr")))
         .expect("bound");
     let key = FrontendKey::Addr(Protocol::Udp, "127.0.0.1:0".parse().expect("addr"));
     let state = mgr.listener(&key).expect("running").clone();
     let mut clients = Vec::new();
     for _ in 0..9 {
         let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        assert_eq!(
-            udp_ask(&c, proxy, b"x").await,
-            b"\x01x",
-            "a new client is served when the table is full"
-        );
-        assert!(
-            state.active_connections() <= 4,
-            "{} flows",
-            state.active_connections()
-        );
+        assert_eq!(udp_ask(&c, proxy, b"x").await, b"\x01x", "a new client is served when the table is full");
+        assert!(state.active_connections() <= 4, "{} flows", state.active_connections());
         clients.push(c);
     }
     drop(mgr);
@@ -526,11 +469,7 @@ async fn udp_no_endpoint_drops() {
     let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     c.send_to(b"x", proxy).await.expect("send");
     let mut buf = [0u8; 16];
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), c.recv_from(&mut buf))
-            .await
-            .is_err()
-    );
+    assert!(tokio::time::timeout(Duration::from_millis(200), c.recv_from(&mut buf)).await.is_err());
 }
 
 #[tokio::test]
@@ -546,10 +485,7 @@ async fn bind_failure_does_not_stop_other_listeners() {
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(matches!(errors[0], crate::Error::Bind { addr, .. } if addr == taken_addr));
     let proxy = mgr
-        .local_addr(&FrontendKey::Addr(
-            Protocol::Tcp,
-            "127.0.0.1:0".parse().expect("addr"),
-        ))
+        .local_addr(&FrontendKey::Addr(Protocol::Tcp, "127.0.0.1:0".parse().expect("addr")))
         .expect("bound");
     assert_eq!(request(proxy, b"x").await.expect("request"), b"\x01x");
     // Retried on the next snapshot once the address is free.
@@ -565,10 +501,7 @@ async fn shutdown_drains_then_returns() {
     index.apply_listener(listener("web", "127.0.0.1:0", Protocol::Tcp, &[a]));
     let (tx, rx) = tokio::sync::watch::channel(index.build());
     let drain = Duration::from_millis(400);
-    let mgr = Manager::new(ProxyConfig {
-        drain_timeout: drain,
-        ..ProxyConfig::default()
-    });
+    let mgr = Manager::new(ProxyConfig { drain_timeout: drain, ..ProxyConfig::default() });
     let mut bound = mgr.subscribe_bound();
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(mgr.run(rx, shutdown.clone()));
@@ -587,11 +520,7 @@ async fn shutdown_drains_then_returns() {
     s.shutdown().await.expect("shutdown");
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).await.expect("eof");
-    tokio::time::timeout(DEADLINE, run)
-        .await
-        .expect("returns")
-        .expect("join")
-        .expect("ok");
+    tokio::time::timeout(DEADLINE, run).await.expect("returns").expect("join").expect("ok");
     assert!(stopped.elapsed() < DEADLINE);
     drop(tx);
 }
@@ -603,10 +532,7 @@ async fn shutdown_force_closes_after_drain_timeout() {
     index.apply_listener(listener("web", "127.0.0.1:0", Protocol::Tcp, &[a]));
     let (_tx, rx) = tokio::sync::watch::channel(index.build());
     let drain = Duration::from_millis(300);
-    let mgr = Manager::new(ProxyConfig {
-        drain_timeout: drain,
-        ..ProxyConfig::default()
-    });
+    let mgr = Manager::new(ProxyConfig { drain_timeout: drain, ..ProxyConfig::default() });
     let mut bound = mgr.subscribe_bound();
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(mgr.run(rx, shutdown.clone()));
@@ -619,11 +545,7 @@ async fn shutdown_force_closes_after_drain_timeout() {
     echo_roundtrip(&mut s, b"one").await;
     let stopped = Instant::now();
     shutdown.cancel();
-    tokio::time::timeout(DEADLINE, run)
-        .await
-        .expect("returns")
-        .expect("join")
-        .expect("ok");
+    tokio::time::timeout(DEADLINE, run).await.expect("returns").expect("join").expect("ok");
     assert!(stopped.elapsed() >= drain);
     assert!(ends_within(&mut s, DEADLINE).await);
     // New connections are refused: the listener is closed.

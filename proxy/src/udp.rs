@@ -143,11 +143,7 @@ async fn recv(
     if pktinfo {
         use std::os::fd::AsRawFd;
         let fd = socket.as_raw_fd();
-        return socket
-            .async_io(tokio::io::Interest::READABLE, || {
-                crate::sys::pktinfo::recv(fd, buf)
-            })
-            .await;
+        return socket.async_io(tokio::io::Interest::READABLE, || crate::sys::pktinfo::recv(fd, buf)).await;
     }
     let _ = pktinfo;
     let (n, client) = socket.recv_from(buf).await?;
@@ -181,10 +177,8 @@ fn make_room(flows: &mut HashMap<SocketAddr, Flow>, max_flows: usize, now: u64, 
     if flows.len() < max_flows {
         return;
     }
-    let mut ages: Vec<(u64, SocketAddr)> = flows
-        .iter()
-        .map(|(a, f)| (f.shared.last.load(Ordering::Relaxed), *a))
-        .collect();
+    let mut ages: Vec<(u64, SocketAddr)> =
+        flows.iter().map(|(a, f)| (f.shared.last.load(Ordering::Relaxed), *a)).collect();
     let k = (max_flows / 8).max(1).min(ages.len());
     ages.select_nth_unstable(k - 1);
     for (_, addr) in &ages[..k] {
@@ -269,18 +263,9 @@ fn new_flow(
             return None;
         }
     };
-    let shared = Arc::new(FlowShared {
-        upstream,
-        last: AtomicU64::new(now_ms(epoch)),
-    });
-    let task = state.tasks.spawn(reply(
-        shared.clone(),
-        frontend.clone(),
-        client,
-        local,
-        state.clone(),
-        epoch,
-    ));
+    let shared = Arc::new(FlowShared { upstream, last: AtomicU64::new(now_ms(epoch)) });
+    let task =
+        state.tasks.spawn(reply(shared.clone(), frontend.clone(), client, local, state.clone(), epoch));
     state.metrics.connections.increment(1);
     state.opened();
     tracing::debug!(listener = %state.name(), %client, endpoint = %lease.addr(), "new flow");

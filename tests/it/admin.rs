@@ -32,8 +32,5 @@ async fn admin_endpoints_report_health_metrics_and_the_live_snapshot() {
 
     let snap = ferry.snapshot();
     let text = snap.to_string();
-    assert!(
-        text.contains(&front.to_string()) && text.contains(&a.addr.to_string()),
-        "{text}"
-    );
+    assert!(text.contains(&front.to_string()) && text.contains(&a.addr.to_string()), "{text}");
 }

@@ -50,8 +50,5 @@ fn check_reports_every_problem_with_file_document_and_field() {
         stderr.contains("a.yaml") && stderr.contains("document 2") && stderr.contains("spec.backends[0]"),
         "{stderr}"
     );
-    assert!(
-        stderr.contains("b.yaml") && stderr.contains("line"),
-        "YAML errors carry a position: {stderr}"
-    );
+    assert!(stderr.contains("b.yaml") && stderr.contains("line"), "YAML errors carry a position: {stderr}");
 }

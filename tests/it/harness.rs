@@ -24,18 +24,12 @@ pub const DEADLINE: Duration = Duration::from_secs(15);
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    StdTcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
 }
 
 /// A free UDP loopback port.
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("bind udp")
-        .port()
+    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("bind udp").port()
 }
 
 /// A temporary configuration directory, removed on drop.
@@ -134,18 +128,11 @@ impl Ferry {
                 sink.lock().expect("log lock").push(value);
             }
         });
-        let mut ferry = Self {
-            child,
-            admin: "0.0.0.0:0".parse().expect("addr"),
-            logs,
-        };
+        let mut ferry = Self { child, admin: "0.0.0.0:0".parse().expect("addr"), logs };
         let line = ferry
             .wait_log(DEADLINE, |l| msg(l) == "admin server listening")
             .expect("ferry did not start its admin server");
-        ferry.admin = line["address"]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .expect("admin address in log");
+        ferry.admin = line["address"].as_str().and_then(|a| a.parse().ok()).expect("admin address in log");
         ferry
     }
 
@@ -172,14 +159,7 @@ impl Ferry {
     ) -> Option<serde_json::Value> {
         let start = Instant::now();
         while start.elapsed() < timeout {
-            if let Some(l) = self
-                .logs
-                .lock()
-                .expect("log lock")
-                .iter()
-                .skip(from)
-                .find(|l| pred(l))
-            {
+            if let Some(l) = self.logs.lock().expect("log lock").iter().skip(from).find(|l| pred(l)) {
                 return Some(l.clone());
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -218,10 +198,7 @@ impl Ferry {
             if snap["version"].as_u64().unwrap_or(0) >= version {
                 return snap;
             }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "snapshot version never reached {version}: {snap}"
-            );
+            assert!(start.elapsed() < DEADLINE, "snapshot version never reached {version}: {snap}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -256,15 +233,11 @@ impl Drop for Ferry {
 
 /// Default flags for tests, minus those a test sets itself.
 fn defaults(extra_args: &[&str]) -> Vec<&'static str> {
-    [
-        ("--reload-debounce", "50ms"),
-        ("--drain-timeout", "5s"),
-        ("--worker-threads", "2"),
-    ]
-    .into_iter()
-    .filter(|(flag, _)| !extra_args.contains(flag))
-    .flat_map(|(flag, value)| [flag, value])
-    .collect()
+    [("--reload-debounce", "50ms"), ("--drain-timeout", "5s"), ("--worker-threads", "2")]
+        .into_iter()
+        .filter(|(flag, _)| !extra_args.contains(flag))
+        .flat_map(|(flag, value)| [flag, value])
+        .collect()
 }
 
 /// The `message` field of a JSON log line.
@@ -279,15 +252,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write request");
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("read response");
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
 
@@ -382,10 +348,7 @@ pub async fn tcp_hello(addr: SocketAddr) -> std::io::Result<String> {
     loop {
         let n = tokio::time::timeout(DEADLINE, s.read(&mut byte)).await??;
         if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "closed before greeting",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before greeting"));
         }
         if byte[0] == b'\n' {
             break;

@@ -25,10 +25,7 @@ async fn open(front: SocketAddr) -> (tokio::net::TcpStream, String) {
 async fn assert_echo(s: &mut tokio::net::TcpStream, msg: &[u8]) {
     s.write_all(msg).await.expect("write on open connection");
     let mut buf = vec![0u8; msg.len()];
-    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
-        .await
-        .expect("echo in time")
-        .expect("echo");
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf)).await.expect("echo in time").expect("echo");
     assert_eq!(buf, msg);
 }
 
@@ -54,10 +51,7 @@ async fn config_change_adds_and_removes_backends_without_dropping_open_connectio
     assert_echo(&mut to_a, b"still here").await;
 
     // Add a back: both are used again.
-    dir.write(
-        "web.yaml",
-        &listener_yaml("web", front, "TCP", &[a.addr, b.addr], ""),
-    );
+    dir.write("web.yaml", &listener_yaml("web", front, "TCP", &[a.addr, b.addr], ""));
     ferry.wait_version(v1 + 2);
     let mut names = std::collections::HashSet::new();
     for _ in 0..6 {
@@ -78,10 +72,7 @@ async fn a_broken_config_is_rejected_and_the_last_good_one_keeps_serving() {
     let (mut open_conn, _) = open(front).await;
 
     let cursor = ferry.log_len();
-    dir.write(
-        "web.yaml",
-        &listener_yaml("web", front, "TCP", &[a.addr], "  bogusField: 1\n"),
-    );
+    dir.write("web.yaml", &listener_yaml("web", front, "TCP", &[a.addr], "  bogusField: 1\n"));
     let line = ferry
         .wait_log_after(cursor, DEADLINE, |l| l["level"] == "ERROR")
         .expect("an error is logged for the broken file");
@@ -94,11 +85,7 @@ async fn a_broken_config_is_rejected_and_the_last_good_one_keeps_serving() {
         assert!(start.elapsed() < DEADLINE, "reload failure not counted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        ferry.snapshot()["version"].as_u64(),
-        Some(version),
-        "the last good snapshot stays"
-    );
+    assert_eq!(ferry.snapshot()["version"].as_u64(), Some(version), "the last good snapshot stays");
     assert_eq!(tcp_hello(front).await.expect("new connections still flow"), "a");
     assert_echo(&mut open_conn, b"unaffected").await;
 
@@ -118,11 +105,8 @@ async fn sighup_reloads_and_configmap_symlink_swaps_are_followed() {
     // ConfigMap layout: ..2026_a/web.yaml, ..data -> ..2026_a, web.yaml -> ..data/web.yaml
     let root = dir.path();
     std::fs::create_dir(root.join("..2026_a")).expect("mkdir");
-    std::fs::write(
-        root.join("..2026_a/web.yaml"),
-        listener_yaml("web", front, "TCP", &[a.addr], ""),
-    )
-    .expect("w");
+    std::fs::write(root.join("..2026_a/web.yaml"), listener_yaml("web", front, "TCP", &[a.addr], ""))
+        .expect("w");
     std::os::unix::fs::symlink("..2026_a", root.join("..data")).expect("symlink");
     std::os::unix::fs::symlink("..data/web.yaml", root.join("web.yaml")).expect("symlink");
     let ferry = Ferry::start(&dir, &["--reload-debounce", "50ms"]);
@@ -131,22 +115,16 @@ async fn sighup_reloads_and_configmap_symlink_swaps_are_followed() {
 
     // Swap ..data atomically, as the kubelet does.
     std::fs::create_dir(root.join("..2026_b")).expect("mkdir");
-    std::fs::write(
-        root.join("..2026_b/web.yaml"),
-        listener_yaml("web", front, "TCP", &[b.addr], ""),
-    )
-    .expect("w");
+    std::fs::write(root.join("..2026_b/web.yaml"), listener_yaml("web", front, "TCP", &[b.addr], ""))
+        .expect("w");
     std::os::unix::fs::symlink("..2026_b", root.join("..data_tmp")).expect("symlink");
     std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
     ferry.wait_version(v1 + 1);
     assert_eq!(tcp_hello(front).await.expect("b"), "b");
 
     // SIGHUP picks up a change even without a directory event: rewrite the target in place.
-    std::fs::write(
-        root.join("..2026_b/web.yaml"),
-        listener_yaml("web", front, "TCP", &[a.addr], ""),
-    )
-    .expect("w");
+    std::fs::write(root.join("..2026_b/web.yaml"), listener_yaml("web", front, "TCP", &[a.addr], ""))
+        .expect("w");
     ferry.signal(libc::SIGHUP);
     ferry.wait_version(v1 + 2);
     assert_eq!(tcp_hello(front).await.expect("a again"), "a");

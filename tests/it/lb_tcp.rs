@@ -12,35 +12,20 @@ fn local(port: u16) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tcp_round_robin_spreads_evenly_over_backends() {
-    let backends = [
-        TcpBackend::start("a").await,
-        TcpBackend::start("b").await,
-        TcpBackend::start("c").await,
-    ];
+    let backends = [TcpBackend::start("a").await, TcpBackend::start("b").await, TcpBackend::start("c").await];
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
     let front = local(free_port());
     let dir = ConfigDir::new();
-    dir.write(
-        "web.yaml",
-        &listener_yaml("web", front, "TCP", &addrs, "  balancing: RoundRobin\n"),
-    );
+    dir.write("web.yaml", &listener_yaml("web", front, "TCP", &addrs, "  balancing: RoundRobin\n"));
     let ferry = Ferry::start(&dir, &[]);
 
     let mut seen: HashMap<String, usize> = HashMap::new();
     for _ in 0..30 {
-        *seen
-            .entry(tcp_hello(front).await.expect("connect through ferry"))
-            .or_default() += 1;
+        *seen.entry(tcp_hello(front).await.expect("connect through ferry")).or_default() += 1;
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
-    assert!(
-        seen.values().all(|&n| n == 10),
-        "round robin must be exact: {seen:?}"
-    );
-    assert_eq!(
-        ferry.metric("ferry_listener_connections_total", &["listener=\"web\""]),
-        30.0
-    );
+    assert!(seen.values().all(|&n| n == 10), "round robin must be exact: {seen:?}");
+    assert_eq!(ferry.metric("ferry_listener_connections_total", &["listener=\"web\""]), 30.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -49,10 +34,7 @@ async fn killed_backend_is_routed_around_without_failed_connections() {
     let b = TcpBackend::start("b").await;
     let front = local(free_port());
     let dir = ConfigDir::new();
-    dir.write(
-        "web.yaml",
-        &listener_yaml("web", front, "TCP", &[a.addr, b.addr], ""),
-    );
+    dir.write("web.yaml", &listener_yaml("web", front, "TCP", &[a.addr, b.addr], ""));
     let ferry = Ferry::start(&dir, &[]);
     assert!(!tcp_hello(front).await.expect("first").is_empty());
 
@@ -64,9 +46,7 @@ async fn killed_backend_is_routed_around_without_failed_connections() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for i in 0..40 {
-        let name = tcp_hello(front)
-            .await
-            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+        let name = tcp_hello(front).await.unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
         assert_eq!(name, "b");
     }
     assert!(ferry.metric("ferry_listener_connect_failures_total", &["listener=\"web\""]) >= 1.0);
@@ -85,10 +65,7 @@ async fn half_close_keeps_the_reply_direction_open() {
     s.write_all(&payload).await.expect("write");
     s.shutdown().await.expect("shutdown write half");
     let mut reply = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply))
-        .await
-        .expect("reply in time")
-        .expect("read");
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut reply)).await.expect("reply in time").expect("read");
     let mut want = b"a\n".to_vec();
     want.extend_from_slice(&payload);
     want.extend_from_slice(b"bye\n");
@@ -104,13 +81,7 @@ async fn no_usable_endpoint_closes_the_client_at_once() {
     let dir = ConfigDir::new();
     dir.write(
         "web.yaml",
-        &listener_yaml(
-            "web",
-            front,
-            "TCP",
-            &[dead],
-            "  connectTimeoutMilliseconds: 200\n",
-        ),
+        &listener_yaml("web", front, "TCP", &[dead], "  connectTimeoutMilliseconds: 200\n"),
     );
     dir.write("empty.yaml", &listener_yaml("empty", empty, "TCP", &[], ""));
     let ferry = Ferry::start(&dir, &[]);
@@ -118,11 +89,7 @@ async fn no_usable_endpoint_closes_the_client_at_once() {
     for addr in [front, empty] {
         let start = std::time::Instant::now();
         let err = tcp_hello(addr).await.expect_err("no backend can answer");
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "{addr}: took {:?}: {err}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(3), "{addr}: took {:?}: {err}", start.elapsed());
     }
     assert!(ferry.metric("ferry_listener_no_endpoint_total", &["listener=\"web\""]) >= 1.0);
     assert!(ferry.metric("ferry_listener_no_endpoint_total", &["listener=\"empty\""]) >= 1.0);

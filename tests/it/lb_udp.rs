@@ -29,13 +29,7 @@ async fn udp_flows_spread_and_replies_come_from_the_frontend() {
     let dir = ConfigDir::new();
     dir.write(
         "dns.yaml",
-        &listener_yaml(
-            "dns",
-            front,
-            "UDP",
-            &[a.addr, b.addr],
-            "  balancing: RoundRobin\n",
-        ),
+        &listener_yaml("dns", front, "UDP", &[a.addr, b.addr], "  balancing: RoundRobin\n"),
     );
     let ferry = Ferry::start(&dir, &[]);
 

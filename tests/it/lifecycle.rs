@@ -33,11 +33,7 @@ async fn sigterm_stops_accepting_drains_open_connections_and_exits_zero() {
     let mut buf = [0u8; 12];
     conn.read_exact(&mut buf).await.expect("echo during drain");
     assert_eq!(&buf, b"during drain");
-    assert_eq!(
-        ferry.wait_exit(Duration::from_millis(300)),
-        None,
-        "must wait for the open connection"
-    );
+    assert_eq!(ferry.wait_exit(Duration::from_millis(300)), None, "must wait for the open connection");
 
     drop(conn);
     assert_eq!(ferry.wait_exit(DEADLINE), Some(0), "exit code after drain");
@@ -57,14 +53,9 @@ async fn sigterm_with_a_stuck_connection_exits_zero_after_the_drain_deadline() {
     let start = std::time::Instant::now();
     ferry.signal(libc::SIGTERM);
     assert_eq!(ferry.wait_exit(DEADLINE), Some(0));
-    assert!(
-        start.elapsed() >= Duration::from_millis(900),
-        "exited before the drain deadline"
-    );
+    assert!(start.elapsed() >= Duration::from_millis(900), "exited before the drain deadline");
     let mut rest = Vec::new();
-    let _ = tokio::time::timeout(DEADLINE, conn.read_to_end(&mut rest))
-        .await
-        .expect("closed after drain");
+    let _ = tokio::time::timeout(DEADLINE, conn.read_to_end(&mut rest)).await.expect("closed after drain");
 }
 
 #[test]
@@ -78,8 +69,5 @@ fn a_broken_config_at_startup_exits_non_zero_naming_the_file() {
         .expect("run ferry");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("bad.yaml") && stderr.contains("spec.address"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("bad.yaml") && stderr.contains("spec.address"), "{stderr}");
 }

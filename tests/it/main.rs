@@ -1,6 +1,8 @@
 //! End-to-end tests of the `ferry` binary: one test binary (hickory style), one module per area.
 //! Every test runs the real binary on loopback against real backends.
 
+#![allow(unreachable_pub, missing_docs, unsafe_code)]
+
 mod admin;
 mod check;
 mod harness;

@@ -93,11 +93,7 @@ pub enum SourceError {
 
 impl Default for FileSourceOptions {
     fn default() -> Self {
-        Self {
-            node: None,
-            debounce: Duration::from_millis(200),
-            resolve_interval: Duration::from_secs(30),
-        }
+        Self { node: None, debounce: Duration::from_millis(200), resolve_interval: Duration::from_secs(30) }
     }
 }
 
@@ -122,19 +118,8 @@ impl FileSource {
     pub fn new(dir: impl Into<PathBuf>, options: FileSourceOptions) -> (Self, ReloadHandle) {
         let reload = Arc::new(Notify::new());
         let (status, status_rx) = watch::channel(ReloadStatus::default());
-        let handle = ReloadHandle {
-            reload: reload.clone(),
-            status: status_rx,
-        };
-        (
-            Self {
-                dir: dir.into(),
-                options,
-                reload,
-                status,
-            },
-            handle,
-        )
+        let handle = ReloadHandle { reload: reload.clone(), status: status_rx };
+        (Self { dir: dir.into(), options, reload, status }, handle)
     }
 
     /// Loads the directory, publishes the first snapshot, then reloads and re-resolves until
@@ -305,9 +290,7 @@ impl State {
 
     fn succeeded(&mut self) {
         metrics::counter!("ferry_config_reloads_total").increment(1);
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         metrics::gauge!("ferry_config_last_reload_success_timestamp_seconds").set(now.as_secs_f64());
         self.status.send_modify(|s| {
             s.loads += 1;
@@ -322,13 +305,7 @@ impl State {
             m.nodes
                 .iter()
                 .find(|(_, n)| n.metadata.name.as_deref() == Some(name))
-                .map_or_else(
-                    || NodeInfo {
-                        name: name.into(),
-                        zone: None,
-                    },
-                    |(_, n)| NodeInfo::from_node(n),
-                )
+                .map_or_else(|| NodeInfo { name: name.into(), zone: None }, |(_, n)| NodeInfo::from_node(n))
         });
         self.index.set_node(node);
 
@@ -390,11 +367,7 @@ impl State {
                         let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
                         ips.sort_unstable();
                         ips.dedup();
-                        if ips.is_empty() {
-                            Err("no addresses".to_owned())
-                        } else {
-                            Ok(ips)
-                        }
+                        if ips.is_empty() { Err("no addresses".to_owned()) } else { Ok(ips) }
                     }
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("timed out after {RESOLVE_TIMEOUT:?}")),
@@ -415,10 +388,7 @@ impl State {
 }
 
 fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
 #[cfg(test)]

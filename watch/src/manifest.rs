@@ -90,22 +90,13 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, ConfigError> {
                 loader.file(file);
             }
         }
-        Err(e) => loader.problem(
-            dir.into(),
-            None,
-            None,
-            None,
-            format!("cannot read directory: {e}"),
-        ),
+        Err(e) => loader.problem(dir.into(), None, None, None, format!("cannot read directory: {e}")),
     }
     loader.cross_check();
     if loader.problems.is_empty() {
         Ok(loader.out)
     } else {
-        Err(ConfigError {
-            dir: dir.into(),
-            problems: loader.problems,
-        })
+        Err(ConfigError { dir: dir.into(), problems: loader.problems })
     }
 }
 
@@ -182,43 +173,19 @@ impl Loader {
         };
         let file: Arc<Path> = path.into();
         for (i, doc) in docs.into_iter().enumerate() {
-            self.document(
-                Origin {
-                    file: file.clone(),
-                    document: i + 1,
-                    item: None,
-                },
-                doc,
-            );
+            self.document(Origin { file: file.clone(), document: i + 1, item: None }, doc);
         }
     }
 
     fn document(&mut self, origin: Origin, doc: Value) {
         let Value::Object(map) = &doc else {
-            return self.at(
-                &origin,
-                "",
-                "(document)",
-                "must be a mapping with apiVersion and kind",
-            );
+            return self.at(&origin, "", "(document)", "must be a mapping with apiVersion and kind");
         };
-        let text = |key: &str| {
-            map.get(key)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
+        let text = |key: &str| map.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
         let (api_version, kind) = (text("apiVersion"), text("kind"));
-        let name = map
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let object = if name.is_empty() {
-            kind.clone()
-        } else {
-            format!("{kind} {name:?}")
-        };
+        let name =
+            map.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or_default();
+        let object = if name.is_empty() { kind.clone() } else { format!("{kind} {name:?}") };
         match (api_version.as_str(), kind.as_str()) {
             ("v1", "Service") => {
                 if let Some(svc) = self.typed::<core::Service>(&origin, &object, doc) {
@@ -253,21 +220,12 @@ impl Loader {
                     return self.at(&origin, &object, "items", "must be a list of objects");
                 };
                 for (i, item) in items.into_iter().enumerate() {
-                    self.document(
-                        Origin {
-                            item: Some(i + 1),
-                            ..origin.clone()
-                        },
-                        item,
-                    );
+                    self.document(Origin { item: Some(i + 1), ..origin.clone() }, item);
                 }
             }
             _ => {
-                let field = if api_version.is_empty() || kind.is_empty() {
-                    "apiVersion/kind"
-                } else {
-                    "kind"
-                };
+                let field =
+                    if api_version.is_empty() || kind.is_empty() { "apiVersion/kind" } else { "kind" };
                 let message = format!(
                     "unsupported kind {kind:?} of apiVersion {api_version:?}; expected v1 Service, \
                      discovery.k8s.io/v1 EndpointSlice, v1 Node, v1 List or {} {}",
@@ -287,11 +245,7 @@ impl Loader {
                 self.at(
                     origin,
                     object,
-                    if field == "." {
-                        "(document)".to_owned()
-                    } else {
-                        field
-                    },
+                    if field == "." { "(document)".to_owned() } else { field },
                     e.into_inner().to_string(),
                 );
                 None
@@ -313,44 +267,16 @@ impl Loader {
                         origin.clone(),
                         format!("{kind} {:?}", first.key()),
                         "metadata.name".to_owned(),
-                        format!(
-                            "duplicate {kind} {}, first defined in {}",
-                            first.key(),
-                            first.get()
-                        ),
+                        format!("duplicate {kind} {}, first defined in {}", first.key(), first.get()),
                     )),
                 }
             }
         };
         let out = &self.out;
-        dup(
-            "Listener",
-            out.listeners
-                .iter()
-                .map(|(o, l)| (o, l.key.to_string()))
-                .collect(),
-        );
-        dup(
-            "Service",
-            out.services
-                .iter()
-                .map(|(o, s)| (o, meta_key(&s.metadata)))
-                .collect(),
-        );
-        dup(
-            "EndpointSlice",
-            out.endpoint_slices
-                .iter()
-                .map(|(o, s)| (o, meta_key(&s.metadata)))
-                .collect(),
-        );
-        dup(
-            "Node",
-            out.nodes
-                .iter()
-                .map(|(o, n)| (o, meta_key(&n.metadata)))
-                .collect(),
-        );
+        dup("Listener", out.listeners.iter().map(|(o, l)| (o, l.key.to_string())).collect());
+        dup("Service", out.services.iter().map(|(o, s)| (o, meta_key(&s.metadata))).collect());
+        dup("EndpointSlice", out.endpoint_slices.iter().map(|(o, s)| (o, meta_key(&s.metadata))).collect());
+        dup("Node", out.nodes.iter().map(|(o, n)| (o, meta_key(&n.metadata))).collect());
 
         let mut by_port: HashMap<(Protocol, u16), Vec<(&Origin, &ValidListener)>> = HashMap::new();
         for (origin, l) in &out.listeners {
@@ -390,11 +316,8 @@ fn clash(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 fn meta_key(meta: &ObjectMeta) -> String {
-    ServiceKey::new(
-        meta.namespace.as_deref().unwrap_or_default(),
-        meta.name.as_deref().unwrap_or_default(),
-    )
-    .to_string()
+    ServiceKey::new(meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
+        .to_string()
 }
 
 /// Applies `kubectl`'s default namespace to a namespaced object.
@@ -444,12 +367,7 @@ impl fmt::Display for Problem {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
-        write!(
-            f,
-            "{n} problem{} in manifests in {}:",
-            if n == 1 { "" } else { "s" },
-            self.dir.display()
-        )?;
+        write!(f, "{n} problem{} in manifests in {}:", if n == 1 { "" } else { "s" }, self.dir.display())?;
         for p in &self.problems {
             write!(f, "\n  {p}")?;
         }

@@ -50,10 +50,7 @@ struct Shared {
 /// Creates a connected publisher and reader; readers see an empty snapshot until the first publish.
 pub fn publisher() -> (Publisher, Snapshots) {
     let empty = Arc::new(Snapshot::default());
-    let shared = Arc::new(Shared {
-        current: ArcSwap::new(empty.clone()),
-        ready: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared { current: ArcSwap::new(empty.clone()), ready: AtomicBool::new(false) });
     let (tx, rx) = watch::channel(empty);
     let publisher = Publisher {
         shared: shared.clone(),
@@ -76,10 +73,7 @@ impl Publisher {
 
     /// A reader for this publisher.
     pub fn snapshots(&self) -> Snapshots {
-        Snapshots {
-            shared: self.shared.clone(),
-            rx: self.tx.subscribe(),
-        }
+        Snapshots { shared: self.shared.clone(), rx: self.tx.subscribe() }
     }
 
     /// Marks the initial sync complete and publishes the first snapshot (even an empty one).
@@ -110,11 +104,7 @@ impl Publisher {
         self.shared.current.store(snapshot.clone());
         self.shared.ready.store(true, Ordering::Release);
         self.tx.send_replace(snapshot.clone());
-        tracing::debug!(
-            version = snapshot.version,
-            services = snapshot.services.len(),
-            "published snapshot"
-        );
+        tracing::debug!(version = snapshot.version, services = snapshot.services.len(), "published snapshot");
         snapshot
     }
 }
@@ -183,19 +173,13 @@ mod tests {
         });
         let first = publisher.synced(&mut index).expect("first publish");
         assert_eq!(first.version, 1);
-        tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .expect("ready")
-            .expect("join");
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("ready").expect("join");
         assert!(snapshots.ready());
         assert_eq!(snapshots.current().version, 1);
         assert!(rx.has_changed().expect("open"));
         assert_eq!(rx.borrow_and_update().version, 1);
 
-        assert!(
-            publisher.publish(&mut index).is_none(),
-            "clean index publishes nothing"
-        );
+        assert!(publisher.publish(&mut index).is_none(), "clean index publishes nothing");
         assert!(!rx.has_changed().expect("open"));
         index.delete_listener(&ferry_model::ServiceKey::new("", "web"));
         assert_eq!(publisher.publish(&mut index).expect("publish").version, 2);

@@ -51,11 +51,7 @@ impl HealthMachine {
             return None;
         }
         self.streak += 1;
-        let threshold = if self.healthy {
-            self.unhealthy_threshold
-        } else {
-            self.healthy_threshold
-        };
+        let threshold = if self.healthy { self.unhealthy_threshold } else { self.healthy_threshold };
         if self.streak < threshold {
             return None;
         }
@@ -94,11 +90,7 @@ mod tests {
     fn comes_back_after_healthy_threshold() {
         let mut m = HealthMachine::with_thresholds(2, 1, true);
         assert_eq!(m.observe(false), Some(false));
-        assert_eq!(
-            run(&mut m, &[true, false, true]),
-            [None; 3],
-            "failure resets the success streak"
-        );
+        assert_eq!(run(&mut m, &[true, false, true]), [None; 3], "failure resets the success streak");
         assert_eq!(m.observe(true), Some(true));
         assert!(m.is_healthy());
     }

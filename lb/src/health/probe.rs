@@ -61,26 +61,13 @@ async fn probe_untimed(addr: SocketAddr, kind: &HealthCheckKind) -> Result<(), P
         HealthCheckKind::Http { path, host, .. } => Some(request(addr, path, host.as_deref())?),
     };
     let mut stream = TcpStream::connect(addr).await.map_err(ProbeError::Connect)?;
-    let (
-        Some(request),
-        HealthCheckKind::Http {
-            expected_statuses, ..
-        },
-    ) = (request, kind)
-    else {
+    let (Some(request), HealthCheckKind::Http { expected_statuses, .. }) = (request, kind) else {
         return Ok(());
     };
     let _ = stream.set_nodelay(true);
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(ProbeError::Io)?;
+    stream.write_all(request.as_bytes()).await.map_err(ProbeError::Io)?;
     let status = read_status(&mut stream).await?;
-    let expected = if expected_statuses.is_empty() {
-        DEFAULT_STATUSES
-    } else {
-        expected_statuses
-    };
+    let expected = if expected_statuses.is_empty() { DEFAULT_STATUSES } else { expected_statuses };
     if expected.iter().any(|&(lo, hi)| (lo..=hi).contains(&status)) {
         Ok(())
     } else {
@@ -93,15 +80,11 @@ fn request(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<String, P
     let bad = |s: &str| s.bytes().any(|b| b <= b' ' || b == 0x7f);
     let path = if path.is_empty() { "/" } else { path };
     if bad(path) {
-        return Err(ProbeError::InvalidRequest(
-            "path contains whitespace or control characters",
-        ));
+        return Err(ProbeError::InvalidRequest("path contains whitespace or control characters"));
     }
     let host = host.map_or_else(|| addr.to_string(), str::to_owned);
     if host.is_empty() || bad(&host) {
-        return Err(ProbeError::InvalidRequest(
-            "host is empty or contains whitespace or control characters",
-        ));
+        return Err(ProbeError::InvalidRequest("host is empty or contains whitespace or control characters"));
     }
     Ok(format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: ferry-health-check\r\n\
@@ -175,27 +158,12 @@ mod tests {
     fn builds_requests() {
         let addr: SocketAddr = "[::1]:8080".parse().expect("addr");
         let r = request(addr, "", None).expect("valid");
-        assert!(
-            r.starts_with("GET / HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n"),
-            "{r}"
-        );
+        assert!(r.starts_with("GET / HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n"), "{r}");
         assert!(r.ends_with("\r\n\r\n"));
         let r = request(addr, "/healthz?x=1", Some("web.local")).expect("valid");
-        assert!(
-            r.starts_with("GET /healthz?x=1 HTTP/1.1\r\nHost: web.local\r\n"),
-            "{r}"
-        );
-        assert!(matches!(
-            request(addr, "/a b", None),
-            Err(ProbeError::InvalidRequest(_))
-        ));
-        assert!(matches!(
-            request(addr, "/\r\nX: y", None),
-            Err(ProbeError::InvalidRequest(_))
-        ));
-        assert!(matches!(
-            request(addr, "/", Some("")),
-            Err(ProbeError::InvalidRequest(_))
-        ));
+        assert!(r.starts_with("GET /healthz?x=1 HTTP/1.1\r\nHost: web.local\r\n"), "{r}");
+        assert!(matches!(request(addr, "/a b", None), Err(ProbeError::InvalidRequest(_))));
+        assert!(matches!(request(addr, "/\r\nX: y", None), Err(ProbeError::InvalidRequest(_))));
+        assert!(matches!(request(addr, "/", Some("")), Err(ProbeError::InvalidRequest(_))));
     }
 }

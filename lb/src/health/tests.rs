@@ -82,12 +82,7 @@ async fn http_server(status: u16) -> HttpServer {
             });
         }
     });
-    HttpServer {
-        addr,
-        status,
-        requests,
-        last,
-    }
+    HttpServer { addr, status, requests, last }
 }
 
 /// A server that accepts connections, reads the request and writes `reply` (then closes), or
@@ -130,85 +125,48 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 async fn tcp_probe() {
     let up = raw_server(None).await;
     let down = closed_addr().await;
-    probe(up, &tcp_check(10))
-        .await
-        .expect("accepting listener passes");
-    assert!(matches!(
-        probe(down, &tcp_check(10)).await,
-        Err(ProbeError::Connect(_))
-    ));
+    probe(up, &tcp_check(10)).await.expect("accepting listener passes");
+    assert!(matches!(probe(down, &tcp_check(10)).await, Err(ProbeError::Connect(_))));
 }
 
 #[tokio::test]
 async fn http_probe_statuses_and_request() {
     let server = http_server(200).await;
-    probe(server.addr, &http_check("/healthz", 10))
-        .await
-        .expect("200 passes");
+    probe(server.addr, &http_check("/healthz", 10)).await.expect("200 passes");
     let head = server.last.lock().clone();
     assert!(head.starts_with("GET /healthz HTTP/1.1\r\n"), "{head}");
     assert!(head.contains("\r\nHost: web.test\r\n"), "{head}");
     assert!(head.contains("\r\nConnection: close\r\n"), "{head}");
 
     server.status.store(503, Ordering::SeqCst);
-    assert!(matches!(
-        probe(server.addr, &http_check("/", 10)).await,
-        Err(ProbeError::UnexpectedStatus(503))
-    ));
+    assert!(matches!(probe(server.addr, &http_check("/", 10)).await, Err(ProbeError::UnexpectedStatus(503))));
     server.status.store(301, Ordering::SeqCst);
-    assert!(matches!(
-        probe(server.addr, &http_check("/", 10)).await,
-        Err(ProbeError::UnexpectedStatus(301))
-    ));
+    assert!(matches!(probe(server.addr, &http_check("/", 10)).await, Err(ProbeError::UnexpectedStatus(301))));
     // No expected statuses: 200-399.
     let mut check = http_check("/", 10);
-    if let HealthCheckKind::Http {
-        expected_statuses,
-        host,
-        ..
-    } = &mut check.kind
-    {
+    if let HealthCheckKind::Http { expected_statuses, host, .. } = &mut check.kind {
         expected_statuses.clear();
         *host = None;
     }
-    probe(server.addr, &check)
-        .await
-        .expect("301 is in the default range");
-    assert!(
-        server
-            .last
-            .lock()
-            .contains(&format!("\r\nHost: {}\r\n", server.addr))
-    );
+    probe(server.addr, &check).await.expect("301 is in the default range");
+    assert!(server.last.lock().contains(&format!("\r\nHost: {}\r\n", server.addr)));
     assert_eq!(server.requests.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test]
 async fn http_probe_failures() {
     let garbage = raw_server(Some(b"SSH-2.0-OpenSSH_9.2\r\n")).await;
-    assert!(matches!(
-        probe(garbage, &http_check("/", 10)).await,
-        Err(ProbeError::BadStatusLine)
-    ));
+    assert!(matches!(probe(garbage, &http_check("/", 10)).await, Err(ProbeError::BadStatusLine)));
     let closes = raw_server(Some(b"HTTP/1.1 200")).await;
-    assert!(matches!(
-        probe(closes, &http_check("/", 10)).await,
-        Err(ProbeError::Closed)
-    ));
+    assert!(matches!(probe(closes, &http_check("/", 10)).await, Err(ProbeError::Closed)));
     let long: &'static [u8] = Vec::leak(vec![b'a'; 2 * MAX_STATUS_LINE]);
     let endless = raw_server(Some(long)).await;
-    assert!(matches!(
-        probe(endless, &http_check("/", 10)).await,
-        Err(ProbeError::BadStatusLine)
-    ));
+    assert!(matches!(probe(endless, &http_check("/", 10)).await, Err(ProbeError::BadStatusLine)));
     let silent = raw_server(None).await;
     let mut check = http_check("/", 10);
     check.timeout = Duration::from_millis(50);
     assert!(matches!(probe(silent, &check).await, Err(ProbeError::Timeout(_))));
-    assert!(matches!(
-        probe(closed_addr().await, &check).await,
-        Err(ProbeError::Connect(_))
-    ));
+    assert!(matches!(probe(closed_addr().await, &check).await, Err(ProbeError::Connect(_))));
 }
 
 #[tokio::test]
@@ -228,19 +186,12 @@ async fn http_check_goes_down_and_up() {
     assert!(!state.is_available());
     assert!(!state.health().healthy);
     // Not picked any more, except in panic mode (the only endpoint).
-    assert_eq!(
-        pool.pick(Ipv4Addr::LOCALHOST.into(), &[])
-            .expect("panic mode")
-            .addr(),
-        server.addr
-    );
+    assert_eq!(pool.pick(Ipv4Addr::LOCALHOST.into(), &[]).expect("panic mode").addr(), server.addr);
 
     server.status.store(200, Ordering::SeqCst);
     wait_for("healthy again", || state.is_healthy()).await;
     assert!(state.is_available());
-    tokio::time::timeout(DEADLINE, checks.shutdown())
-        .await
-        .expect("shutdown completes");
+    tokio::time::timeout(DEADLINE, checks.shutdown()).await.expect("shutdown completes");
     assert!(checks.is_empty());
 }
 
@@ -254,10 +205,7 @@ async fn unhealthy_endpoint_is_skipped_by_pick() {
     let down_state = pool.get(down).expect("in pool").clone();
     wait_for("closed port unhealthy", || !down_state.is_healthy()).await;
     for _ in 0..20 {
-        assert_eq!(
-            pool.pick(Ipv4Addr::LOCALHOST.into(), &[]).expect("pick").addr(),
-            up
-        );
+        assert_eq!(pool.pick(Ipv4Addr::LOCALHOST.into(), &[]).expect("pick").addr(), up);
     }
     assert!(pool.get(up).expect("in pool").is_healthy());
 }
@@ -299,10 +247,7 @@ async fn changed_check_restarts_from_current_health() {
     checks.sync(&p2);
     assert_eq!(checks.len(), 1);
     assert!(!state.is_healthy(), "restart keeps the current health");
-    wait_for("probes of the new path", || {
-        server.last.lock().starts_with("GET /b ")
-    })
-    .await;
+    wait_for("probes of the new path", || server.last.lock().starts_with("GET /b ")).await;
     server.status.store(200, Ordering::SeqCst);
     wait_for("healthy", || state.is_healthy()).await;
 }

@@ -69,9 +69,7 @@ fn slice_before_service() {
     index.apply_service(&cluster_ip_svc("web", "10.96.0.1"));
     let s = index.build();
     assert_eq!(s.version, 1);
-    let port = s
-        .lookup(&FrontendKey::Addr(Protocol::Tcp, sa("10.96.0.1:80")))
-        .expect("frontend");
+    let port = s.lookup(&FrontendKey::Addr(Protocol::Tcp, sa("10.96.0.1:80"))).expect("frontend");
     assert_eq!(endpoint_addrs(port), [sa("10.0.0.1:8080"), sa("10.0.0.2:8080")]);
     assert_eq!(port.endpoints.cluster.len(), 2);
     assert_eq!(index.endpoint_slice_keys().collect::<Vec<_>>(), [("ns", "web-1")]);
@@ -122,10 +120,7 @@ fn unchanged_port_keeps_its_arc_when_another_port_changes() {
     let s2 = index.build();
     let (p1, p2) = (&s1.services[&key("web")].ports, &s2.services[&key("web")].ports);
     assert!(!Arc::ptr_eq(&p1[0], &p2[0]));
-    assert!(
-        Arc::ptr_eq(&p1[1], &p2[1]),
-        "the admin port has no endpoints either way"
-    );
+    assert!(Arc::ptr_eq(&p1[1], &p2[1]), "the admin port has no endpoints either way");
 }
 
 #[test]
@@ -208,14 +203,8 @@ fn dual_stack_splits_ports_per_family() {
     );
     assert_eq!(endpoint_addrs(v6), [sa("[fd01::1]:8080")]);
     assert_eq!(endpoint_addrs(v4), [sa("10.0.0.1:8080")]);
-    assert_eq!(
-        v4.load_balancer_source_ranges,
-        ["10.0.0.0/8".parse::<ipnet::IpNet>().expect("net")]
-    );
-    assert!(Arc::ptr_eq(
-        &s.frontends[&FrontendKey::NodePort(Protocol::Tcp, 30080)],
-        v6
-    ));
+    assert_eq!(v4.load_balancer_source_ranges, ["10.0.0.0/8".parse::<ipnet::IpNet>().expect("net")]);
+    assert!(Arc::ptr_eq(&s.frontends[&FrontendKey::NodePort(Protocol::Tcp, 30080)], v6));
     assert_eq!(s.frontends.len(), 6);
 }
 
@@ -235,19 +224,10 @@ fn headless_and_external_name_have_no_frontends() {
     assert!(s.frontends.is_empty());
     let h = &s.services[&key("h")];
     assert!(h.ports[0].frontends.is_empty());
-    assert_eq!(
-        endpoint_addrs(&h.ports[0]),
-        [sa("10.0.0.1:8080")],
-        "endpoints kept for DNS"
-    );
+    assert_eq!(endpoint_addrs(&h.ports[0]), [sa("10.0.0.1:8080")], "endpoints kept for DNS");
     let e = &s.services[&key("e")];
     assert!(e.ports.is_empty());
-    assert_eq!(
-        e.origin,
-        Origin::Kubernetes {
-            service_type: "ExternalName".into()
-        }
-    );
+    assert_eq!(e.origin, Origin::Kubernetes { service_type: "ExternalName".into() });
 }
 
 #[test]
@@ -282,10 +262,7 @@ fn frontend_conflict_smallest_key_wins() {
     index.apply_service(&cluster_ip_svc("c", "10.96.0.1"));
     let s = index.build();
     assert_eq!(s.frontends[&fk].service, key("a"));
-    assert_eq!(
-        s.conflicts.iter().cloned().collect::<Vec<_>>(),
-        [(fk, key("b")), (fk, key("c"))]
-    );
+    assert_eq!(s.conflicts.iter().cloned().collect::<Vec<_>>(), [(fk, key("b")), (fk, key("c"))]);
     index.delete_service("ns", "a");
     let s = index.build();
     assert_eq!(s.frontends[&fk].service, key("b"));
@@ -306,15 +283,9 @@ fn kubernetes_service_shadows_listener_with_same_key() {
     assert!(s.frontends.contains_key(&lk));
     index.apply_service(&cluster_ip_svc("web", "10.96.0.1"));
     let s = index.build();
-    assert!(matches!(
-        s.services[&key("web")].origin,
-        Origin::Kubernetes { .. }
-    ));
+    assert!(matches!(s.services[&key("web")].origin, Origin::Kubernetes { .. }));
     assert!(!s.frontends.contains_key(&lk));
-    assert_eq!(
-        s.conflicts.iter().cloned().collect::<Vec<_>>(),
-        [(lk, key("web"))]
-    );
+    assert_eq!(s.conflicts.iter().cloned().collect::<Vec<_>>(), [(lk, key("web"))]);
     index.delete_service("ns", "web");
     let s = index.build();
     assert_eq!(s.services[&key("web")].origin, Origin::Listener);
@@ -331,18 +302,12 @@ fn set_node_recategorises_local_endpoints() {
     index.apply_endpoint_slice(&web_slice("web-1", "web", &["10.0.0.1"], 8080));
     let s = index.build();
     assert!(s.services[&key("web")].ports[0].endpoints.local.is_empty());
-    index.set_node(Some(NodeInfo {
-        name: "n1".into(),
-        zone: None,
-    }));
+    index.set_node(Some(NodeInfo { name: "n1".into(), zone: None }));
     assert!(index.is_dirty());
     let s = index.build();
     assert_eq!(s.node.as_ref().map(|n| &*n.name), Some("n1"));
     assert_eq!(s.services[&key("web")].ports[0].endpoints.local.len(), 1);
-    index.set_node(Some(NodeInfo {
-        name: "n1".into(),
-        zone: None,
-    }));
+    index.set_node(Some(NodeInfo { name: "n1".into(), zone: None }));
     assert!(!index.is_dirty());
 }
 
@@ -366,10 +331,7 @@ fn relabelled_slice_moves_to_other_service() {
 
 #[test]
 fn snapshot_serializes_for_debug() {
-    let mut index = Index::new(Some(NodeInfo {
-        name: "n1".into(),
-        zone: Some("z1".into()),
-    }));
+    let mut index = Index::new(Some(NodeInfo { name: "n1".into(), zone: Some("z1".into()) }));
     index.apply_service(&svc(json!({
         "metadata": {"namespace": "ns", "name": "web"},
         "spec": {"type": "NodePort", "clusterIP": "10.96.0.1", "sessionAffinity": "ClientIP",
@@ -445,11 +407,7 @@ fn gen_service(i: usize, v: u8) -> KubeService {
 fn gen_slice(i: usize, owner: usize, v: u8) -> EndpointSlice {
     let v6 = v & 1 != 0;
     let ip = |n: u8| {
-        if v6 {
-            format!("fd01::{n}")
-        } else {
-            format!("10.0.0.{n}")
-        }
+        if v6 { format!("fd01::{n}") } else { format!("10.0.0.{n}") }
     };
     let conds = |n: u8| match (v / 2 + n) % 3 {
         0 => json!({}),
@@ -484,10 +442,7 @@ fn gen_listener(i: usize, v: u8) -> ValidListener {
         ["10.96.0.1:80", "127.0.0.1:80", "10.0.0.9:1"][usize::from(v % 3)],
     );
     if v & 4 != 0 {
-        l.backends.push(Backend::Name {
-            host: "backend.example".into(),
-            port: 80,
-        });
+        l.backends.push(Backend::Name { host: "backend.example".into(), port: 80 });
     }
     l
 }
@@ -495,18 +450,9 @@ fn gen_listener(i: usize, v: u8) -> ValidListener {
 fn gen_node(v: u8) -> Option<NodeInfo> {
     match v % 4 {
         0 => None,
-        1 => Some(NodeInfo {
-            name: "n1".into(),
-            zone: Some("z1".into()),
-        }),
-        2 => Some(NodeInfo {
-            name: "n2".into(),
-            zone: None,
-        }),
-        _ => Some(NodeInfo {
-            name: "n1".into(),
-            zone: Some("z2".into()),
-        }),
+        1 => Some(NodeInfo { name: "n1".into(), zone: Some("z1".into()) }),
+        2 => Some(NodeInfo { name: "n2".into(), zone: None }),
+        _ => Some(NodeInfo { name: "n1".into(), zone: Some("z2".into()) }),
     }
 }
 

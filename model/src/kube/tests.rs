@@ -11,10 +11,7 @@ fn slice(v: serde_json::Value) -> EndpointSlice {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
 
 fn ipv(s: &str) -> IpAddr {
@@ -26,16 +23,10 @@ fn proxy_name_label_rule() {
     assert!(is_proxied_by(None, None));
     assert!(is_proxied_by(Some(&labels(&[("app", "x")])), None));
     let named = labels(&[(SERVICE_PROXY_NAME_LABEL, "ferry")]);
-    assert!(
-        !is_proxied_by(Some(&named), None),
-        "a proxy without a name skips every labelled service"
-    );
+    assert!(!is_proxied_by(Some(&named), None), "a proxy without a name skips every labelled service");
     assert!(is_proxied_by(Some(&named), Some("ferry")));
     assert!(!is_proxied_by(Some(&named), Some("other")));
-    assert!(
-        is_proxied_by(Some(&labels(&[])), Some("ferry")),
-        "unlabelled services are everyone's"
-    );
+    assert!(is_proxied_by(Some(&labels(&[])), Some("ferry")), "unlabelled services are everyone's");
 }
 
 #[test]
@@ -43,10 +34,7 @@ fn headless_label_rule() {
     let headless = labels(&[(HEADLESS_LABEL, "")]);
     assert!(!is_proxied_by(Some(&headless), None));
     assert!(!is_proxied_by(Some(&headless), Some("ferry")));
-    assert!(
-        matches_proxy_name(Some(&headless), None),
-        "the index keeps headless slices for DNS"
-    );
+    assert!(matches_proxy_name(Some(&headless), None), "the index keeps headless slices for DNS");
 }
 
 #[test]
@@ -55,21 +43,9 @@ fn node_info_reads_zone_label() {
         "metadata": {"name": "n1", "labels": {ZONE_LABEL: "eu-1a", "other": "x"}}
     }))
     .expect("node");
-    assert_eq!(
-        NodeInfo::from_node(&node),
-        NodeInfo {
-            name: "n1".into(),
-            zone: Some("eu-1a".into())
-        }
-    );
+    assert_eq!(NodeInfo::from_node(&node), NodeInfo { name: "n1".into(), zone: Some("eu-1a".into()) });
     let node: Node = serde_json::from_value(json!({"metadata": {"name": "n2"}})).expect("node");
-    assert_eq!(
-        NodeInfo::from_node(&node),
-        NodeInfo {
-            name: "n2".into(),
-            zone: None
-        }
-    );
+    assert_eq!(NodeInfo::from_node(&node), NodeInfo { name: "n2".into(), zone: None });
 }
 
 #[test]
@@ -104,24 +80,12 @@ fn service_translation_full() {
     assert_eq!(&*i.service_type, "LoadBalancer");
     assert_eq!(i.cluster_ips, [ipv("10.96.0.1"), ipv("fd00::1")]);
     assert_eq!(i.external_ips, [ipv("192.0.2.1")]);
-    assert_eq!(
-        i.load_balancer_ips,
-        [ipv("198.51.100.1"), ipv("198.51.100.2")],
-        "ipMode Proxy skipped"
-    );
+    assert_eq!(i.load_balancer_ips, [ipv("198.51.100.1"), ipv("198.51.100.2")], "ipMode Proxy skipped");
     assert_eq!(
         i.source_ranges,
-        [
-            "10.0.0.0/8".parse::<IpNet>().expect("net"),
-            "2001:db8::/32".parse().expect("net")
-        ]
+        ["10.0.0.0/8".parse::<IpNet>().expect("net"), "2001:db8::/32".parse().expect("net")]
     );
-    assert_eq!(
-        i.session_affinity,
-        SessionAffinity::ClientIp {
-            timeout: Duration::from_secs(10_800)
-        }
-    );
+    assert_eq!(i.session_affinity, SessionAffinity::ClientIp { timeout: Duration::from_secs(10_800) });
     assert_eq!(i.external_traffic_policy, TrafficPolicy::Local);
     assert_eq!(i.internal_traffic_policy, TrafficPolicy::Local);
     assert_eq!(i.health_check_node_port, Some(32000));
@@ -129,18 +93,8 @@ fn service_translation_full() {
     assert_eq!(
         i.ports,
         [
-            PortInput {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: Some(30080)
-            },
-            PortInput {
-                name: "dns".into(),
-                protocol: Protocol::Udp,
-                port: 53,
-                node_port: None
-            },
+            PortInput { name: "http".into(), protocol: Protocol::Tcp, port: 80, node_port: Some(30080) },
+            PortInput { name: "dns".into(), protocol: Protocol::Udp, port: 53, node_port: None },
         ]
     );
 }
@@ -172,24 +126,9 @@ fn affinity_timeout_explicit_and_capped() {
         })))
         .session_affinity
     };
-    assert_eq!(
-        with(60),
-        SessionAffinity::ClientIp {
-            timeout: Duration::from_secs(60)
-        }
-    );
-    assert_eq!(
-        with(1_000_000),
-        SessionAffinity::ClientIp {
-            timeout: Duration::from_secs(86_400)
-        }
-    );
-    assert_eq!(
-        with(0),
-        SessionAffinity::ClientIp {
-            timeout: Duration::from_secs(10_800)
-        }
-    );
+    assert_eq!(with(60), SessionAffinity::ClientIp { timeout: Duration::from_secs(60) });
+    assert_eq!(with(1_000_000), SessionAffinity::ClientIp { timeout: Duration::from_secs(86_400) });
+    assert_eq!(with(0), SessionAffinity::ClientIp { timeout: Duration::from_secs(10_800) });
 }
 
 #[test]
@@ -207,9 +146,8 @@ fn headless_and_external_name_are_not_proxied() {
     })));
     assert_eq!(ext.kind, ServiceKind::ExternalName);
     assert!(ext.ports.is_empty());
-    let no_ip = ServiceInput::from_service(&svc(
-        json!({"metadata": {"name": "n"}, "spec": {"clusterIP": ""}}),
-    ));
+    let no_ip =
+        ServiceInput::from_service(&svc(json!({"metadata": {"name": "n"}, "spec": {"clusterIP": ""}})));
     assert_eq!(no_ip.kind, ServiceKind::Headless);
 }
 
@@ -239,16 +177,8 @@ fn slice_translation() {
     assert_eq!(
         i.ports,
         [
-            SlicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 8080
-            },
-            SlicePort {
-                name: "dns".into(),
-                protocol: Protocol::Udp,
-                port: 5353
-            },
+            SlicePort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 },
+            SlicePort { name: "dns".into(), protocol: Protocol::Udp, port: 5353 },
         ]
     );
     assert_eq!(i.endpoints.len(), 3);

@@ -9,10 +9,7 @@ const CLUSTER: TrafficPolicy = TrafficPolicy::Cluster;
 const LOCAL: TrafficPolicy = TrafficPolicy::Local;
 
 fn node(name: &str, zone: Option<&str>) -> NodeInfo {
-    NodeInfo {
-        name: name.into(),
-        zone: zone.map(Into::into),
-    }
+    NodeInfo { name: name.into(), zone: zone.map(Into::into) }
 }
 
 fn addr(i: u8) -> SocketAddr {
@@ -21,13 +18,7 @@ fn addr(i: u8) -> SocketAddr {
 
 /// Endpoint `i` on `node` with conditions `rst` (ready, serving, terminating).
 fn ep(i: u8, on: &str, (ready, serving, terminating): (bool, bool, bool)) -> Endpoint {
-    Endpoint {
-        node_name: Some(on.into()),
-        ready,
-        serving,
-        terminating,
-        ..Endpoint::ready(addr(i))
-    }
+    Endpoint { node_name: Some(on.into()), ready, serving, terminating, ..Endpoint::ready(addr(i)) }
 }
 
 const READY: (bool, bool, bool) = (true, true, false);
@@ -58,11 +49,7 @@ fn cluster(eps: &[Endpoint], n: &NodeInfo) -> Endpoints {
 #[test]
 fn empty_list_gives_nothing() {
     let n = node("a", Some("z1"));
-    for (itp, etp, ext) in [
-        (CLUSTER, CLUSTER, false),
-        (LOCAL, LOCAL, true),
-        (LOCAL, CLUSTER, false),
-    ] {
+    for (itp, etp, ext) in [(CLUSTER, CLUSTER, false), (LOCAL, LOCAL, true), (LOCAL, CLUSTER, false)] {
         let e = categorize(&[], Some(&n), itp, etp, ext);
         assert!(e.all.is_empty() && e.cluster.is_empty() && e.local.is_empty());
         assert!(!e.has_any);
@@ -73,12 +60,7 @@ fn empty_list_gives_nothing() {
 #[test]
 fn cluster_set_is_ready_endpoints_without_topology() {
     let n = node("a", Some("z1"));
-    let eps = [
-        ep(1, "a", READY),
-        ep(2, "b", NOT_READY),
-        ep(3, "c", READY),
-        ep(4, "b", SERVING_TERMINATING),
-    ];
+    let eps = [ep(1, "a", READY), ep(2, "b", NOT_READY), ep(3, "c", READY), ep(4, "b", SERVING_TERMINATING)];
     let e = cluster(&eps, &n);
     assert_eq!(addrs(&e.cluster), [addr(1), addr(3)]);
     assert!(e.local.is_empty(), "local set only for policies that use it");
@@ -143,11 +125,8 @@ fn one_endpoint_without_node_hint_disables_same_node() {
 #[test]
 fn one_unhinted_endpoint_disables_topology() {
     let n = node("a", Some("z1"));
-    let eps = [
-        zone_hint(ep(1, "a", READY), &["z1"]),
-        zone_hint(ep(2, "b", READY), &["z2"]),
-        ep(3, "c", READY),
-    ];
+    let eps =
+        [zone_hint(ep(1, "a", READY), &["z1"]), zone_hint(ep(2, "b", READY), &["z2"]), ep(3, "c", READY)];
     let e = cluster(&eps, &n);
     assert_eq!(e.topology, TopologyMode::None);
     assert_eq!(addrs(&e.cluster), [addr(1), addr(2), addr(3)]);
@@ -157,11 +136,8 @@ fn one_unhinted_endpoint_disables_topology() {
 fn hints_of_not_ready_endpoints_are_ignored() {
     // The unhinted endpoint is not Ready, so it does not disable topology.
     let n = node("a", Some("z1"));
-    let eps = [
-        zone_hint(ep(1, "a", READY), &["z1"]),
-        zone_hint(ep(2, "b", READY), &["z2"]),
-        ep(3, "c", NOT_READY),
-    ];
+    let eps =
+        [zone_hint(ep(1, "a", READY), &["z1"]), zone_hint(ep(2, "b", READY), &["z2"]), ep(3, "c", NOT_READY)];
     let e = cluster(&eps, &n);
     assert_eq!(e.topology, TopologyMode::PreferSameZone);
     assert_eq!(addrs(&e.cluster), [addr(1)]);
@@ -170,10 +146,7 @@ fn hints_of_not_ready_endpoints_are_ignored() {
 #[test]
 fn no_hint_for_this_zone_disables_topology() {
     let n = node("a", Some("z3"));
-    let eps = [
-        zone_hint(ep(1, "a", READY), &["z1"]),
-        zone_hint(ep(2, "b", READY), &["z2"]),
-    ];
+    let eps = [zone_hint(ep(1, "a", READY), &["z1"]), zone_hint(ep(2, "b", READY), &["z2"])];
     let e = cluster(&eps, &n);
     assert_eq!(e.topology, TopologyMode::None);
     assert_eq!(addrs(&e.cluster), [addr(1), addr(2)]);
@@ -182,10 +155,7 @@ fn no_hint_for_this_zone_disables_topology() {
 #[test]
 fn node_without_zone_label_never_matches_zone_hints() {
     let n = node("a", None);
-    let eps = [
-        zone_hint(ep(1, "a", READY), &["z1"]),
-        zone_hint(ep(2, "b", READY), &[""]),
-    ];
+    let eps = [zone_hint(ep(1, "a", READY), &["z1"]), zone_hint(ep(2, "b", READY), &[""])];
     let e = cluster(&eps, &n);
     assert_eq!(e.topology, TopologyMode::None);
     assert_eq!(addrs(&e.cluster), [addr(1), addr(2)]);
@@ -219,11 +189,7 @@ fn topology_ignored_when_no_ready_endpoints() {
 #[test]
 fn cluster_falls_back_to_serving_terminating() {
     let n = node("a", None);
-    let eps = [
-        ep(1, "a", NOT_READY),
-        ep(2, "b", SERVING_TERMINATING),
-        ep(3, "c", TERMINATING_NOT_SERVING),
-    ];
+    let eps = [ep(1, "a", NOT_READY), ep(2, "b", SERVING_TERMINATING), ep(3, "c", TERMINATING_NOT_SERVING)];
     let e = cluster(&eps, &n);
     assert_eq!(addrs(&e.cluster), [addr(2)]);
     assert!(e.has_any);
@@ -279,17 +245,10 @@ fn uses_local_endpoints_for_external_local_only_when_externally_accessible() {
     let n = node("a", None);
     let eps = [ep(1, "a", READY), ep(2, "b", READY)];
     let e = categorize(&eps, Some(&n), CLUSTER, LOCAL, false);
-    assert!(
-        e.local.is_empty(),
-        "eTP=Local without external frontends uses no local set"
-    );
+    assert!(e.local.is_empty(), "eTP=Local without external frontends uses no local set");
     let e = categorize(&eps, Some(&n), CLUSTER, LOCAL, true);
     assert_eq!(addrs(&e.local), [addr(1)]);
-    assert_eq!(
-        addrs(&e.cluster),
-        [addr(1), addr(2)],
-        "cluster set kept for the short-circuit"
-    );
+    assert_eq!(addrs(&e.cluster), [addr(1), addr(2)], "cluster set kept for the short-circuit");
 }
 
 #[test]
@@ -309,11 +268,7 @@ fn local_set_ignores_topology() {
 #[test]
 fn local_set_prefers_local_ready() {
     let n = node("a", None);
-    let eps = [
-        ep(1, "a", READY),
-        ep(2, "a", SERVING_TERMINATING),
-        ep(3, "b", READY),
-    ];
+    let eps = [ep(1, "a", READY), ep(2, "a", SERVING_TERMINATING), ep(3, "b", READY)];
     let e = categorize(&eps, Some(&n), LOCAL, CLUSTER, false);
     assert_eq!(addrs(&e.local), [addr(1)]);
 }
@@ -322,11 +277,7 @@ fn local_set_prefers_local_ready() {
 fn local_serving_terminating_fallback() {
     // No local Ready endpoint, even though a remote one is Ready: local serving-terminating.
     let n = node("a", None);
-    let eps = [
-        ep(1, "a", SERVING_TERMINATING),
-        ep(2, "a", TERMINATING_NOT_SERVING),
-        ep(3, "b", READY),
-    ];
+    let eps = [ep(1, "a", SERVING_TERMINATING), ep(2, "a", TERMINATING_NOT_SERVING), ep(3, "b", READY)];
     let e = categorize(&eps, Some(&n), LOCAL, CLUSTER, false);
     assert_eq!(addrs(&e.local), [addr(1)]);
     assert!(e.has_any);

@@ -30,50 +30,32 @@ async fn start(dir: &Path, options: FileSourceOptions) -> Running {
     let (publisher, snapshots) = publish::publisher();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(source.run(publisher, shutdown.clone()));
-    tokio::time::timeout(WAIT, snapshots.wait_ready())
-        .await
-        .expect("ready in time");
-    Running {
-        snapshots,
-        handle,
-        shutdown,
-        task,
-    }
+    tokio::time::timeout(WAIT, snapshots.wait_ready()).await.expect("ready in time");
+    Running { snapshots, handle, shutdown, task }
 }
 
 fn quick() -> FileSourceOptions {
-    FileSourceOptions {
-        debounce: Duration::from_millis(50),
-        ..FileSourceOptions::default()
-    }
+    FileSourceOptions { debounce: Duration::from_millis(50), ..FileSourceOptions::default() }
 }
 
 impl Running {
     async fn stop(self) {
         self.shutdown.cancel();
-        let result = tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("stops in time")
-            .expect("join");
+        let result = tokio::time::timeout(WAIT, self.task).await.expect("stops in time").expect("join");
         result.expect("source ran cleanly");
     }
 
     /// Waits for the load counters to satisfy `f`.
     async fn status(&self, f: impl Fn(&ReloadStatus) -> bool) -> ReloadStatus {
         let mut rx = self.handle.status();
-        let s = tokio::time::timeout(WAIT, rx.wait_for(|s| f(s)))
-            .await
-            .expect("status in time")
-            .expect("open");
+        let s =
+            tokio::time::timeout(WAIT, rx.wait_for(|s| f(s))).await.expect("status in time").expect("open");
         s.clone()
     }
 }
 
 async fn next(rx: &mut watch::Receiver<Arc<Snapshot>>) -> Arc<Snapshot> {
-    tokio::time::timeout(WAIT, rx.changed())
-        .await
-        .expect("snapshot in time")
-        .expect("open");
+    tokio::time::timeout(WAIT, rx.changed()).await.expect("snapshot in time").expect("open");
     rx.borrow_and_update().clone()
 }
 
@@ -99,23 +81,13 @@ async fn hot_reload_keeps_last_good_snapshot() {
     let second = next(&mut rx).await;
     assert!(second.version > first.version);
     assert_eq!(backends(&second, "web"), [addr("10.0.0.2:80")]);
-    assert_eq!(
-        r.snapshots.current().version,
-        second.version,
-        "ArcSwap stored before the send"
-    );
+    assert_eq!(r.snapshots.current().version, second.version, "ArcSwap stored before the send");
 
-    dir.write(
-        "web.yaml",
-        &listener("web", "127.0.0.1:8080", &["10.0.0.3:99999"]),
-    );
+    dir.write("web.yaml", &listener("web", "127.0.0.1:8080", &["10.0.0.3:99999"]));
     let status = r.status(|s| s.failures >= 1).await;
     let err = status.last_error.expect("the problems are kept");
     assert_eq!(err.problems[0].field.as_deref(), Some("spec.backends[0]"));
-    assert!(
-        !rx.has_changed().expect("open"),
-        "a broken reload publishes nothing"
-    );
+    assert!(!rx.has_changed().expect("open"), "a broken reload publishes nothing");
     assert_eq!(r.snapshots.current().version, second.version);
 
     dir.write("web.yaml", &listener("web", "127.0.0.1:8080", &["10.0.0.4:80"]));
@@ -134,11 +106,8 @@ async fn configmap_data_swap_triggers_a_reload() {
     let dir = TempDir::new();
     let d = dir.path();
     std::fs::create_dir(d.join("..v1")).expect("mkdir");
-    std::fs::write(
-        d.join("..v1/web.yaml"),
-        listener("web", "127.0.0.1:8080", &["10.0.0.1:80"]),
-    )
-    .expect("write");
+    std::fs::write(d.join("..v1/web.yaml"), listener("web", "127.0.0.1:8080", &["10.0.0.1:80"]))
+        .expect("write");
     std::os::unix::fs::symlink("..v1", d.join("..data")).expect("symlink");
     std::os::unix::fs::symlink("..data/web.yaml", d.join("web.yaml")).expect("symlink");
     let r = start(d, quick()).await;
@@ -147,11 +116,8 @@ async fn configmap_data_swap_triggers_a_reload() {
 
     // What the kubelet does: write a new timestamped dir, point a temp link at it, rename over `..data`.
     std::fs::create_dir(d.join("..v2")).expect("mkdir");
-    std::fs::write(
-        d.join("..v2/web.yaml"),
-        listener("web", "127.0.0.1:8080", &["10.0.0.2:80"]),
-    )
-    .expect("write");
+    std::fs::write(d.join("..v2/web.yaml"), listener("web", "127.0.0.1:8080", &["10.0.0.2:80"]))
+        .expect("write");
     std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).expect("symlink");
     std::fs::rename(d.join("..data_tmp"), d.join("..data")).expect("rename");
     std::fs::remove_dir_all(d.join("..v1")).expect("rm old");
@@ -185,10 +151,7 @@ async fn reload_handle_picks_up_changes_without_events() {
 #[tokio::test]
 async fn backend_names_resolve() {
     let dir = TempDir::new();
-    dir.write(
-        "web.yaml",
-        &listener("web", "127.0.0.1:8080", &["localhost:9000", "10.0.0.1:80"]),
-    );
+    dir.write("web.yaml", &listener("web", "127.0.0.1:8080", &["localhost:9000", "10.0.0.1:80"]));
     let r = start(dir.path(), quick()).await;
     let got = backends(&r.snapshots.current(), "web");
     assert!(got.contains(&addr("10.0.0.1:80")));
@@ -199,15 +162,9 @@ async fn backend_names_resolve() {
 
     // A name added by a reload is resolved before that reload publishes.
     let mut rx = r.snapshots.subscribe();
-    dir.write(
-        "web.yaml",
-        &listener("web", "127.0.0.1:8080", &["localhost:9001"]),
-    );
+    dir.write("web.yaml", &listener("web", "127.0.0.1:8080", &["localhost:9001"]));
     let got = backends(&next(&mut rx).await, "web");
-    assert!(
-        !got.is_empty() && got.iter().all(|a| a.port() == 9001 && a.ip().is_loopback()),
-        "{got:?}"
-    );
+    assert!(!got.is_empty() && got.iter().all(|a| a.port() == 9001 && a.ip().is_loopback()), "{got:?}");
     r.stop().await;
 }
 
@@ -220,10 +177,7 @@ async fn kubernetes_objects_and_node() {
          apiVersion: v1\nkind: Service\nmetadata: {name: api}\n\
          spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n",
     );
-    let options = FileSourceOptions {
-        node: Some("node-a".to_owned()),
-        ..quick()
-    };
+    let options = FileSourceOptions { node: Some("node-a".to_owned()), ..quick() };
     let r = start(dir.path(), options).await;
     let s = r.snapshots.current();
     let node = s.node.as_ref().expect("node");
@@ -231,18 +185,11 @@ async fn kubernetes_objects_and_node() {
     assert!(s.service(&ServiceKey::new("default", "api")).is_some());
 
     let mut rx = r.snapshots.subscribe();
-    dir.write(
-        "k8s.yaml",
-        "apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\n",
-    );
+    dir.write("k8s.yaml", "apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\n");
     let s = next(&mut rx).await;
     assert!(s.services.is_empty(), "the Service was deleted");
     let node = s.node.as_ref().expect("node");
-    assert_eq!(
-        (&*node.name, node.zone.as_deref()),
-        ("node-a", None),
-        "own name, no zone"
-    );
+    assert_eq!((&*node.name, node.zone.as_deref()), ("node-a", None), "own name, no zone");
     r.stop().await;
 }
 
@@ -256,10 +203,7 @@ async fn initial_load_failure_is_returned() {
         .await
         .expect("fails fast");
     let err = result.expect_err("initial load fails");
-    assert!(
-        err.to_string().contains("web.yaml: document 1 (Pod): kind:"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("web.yaml: document 1 (Pod): kind:"), "{err}");
     assert!(!snapshots.ready());
     assert_eq!(handle.status().borrow().failures, 1);
 }

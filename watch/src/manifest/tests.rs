@@ -63,26 +63,16 @@ fn loads_every_kind_from_a_multi_document_file() {
     let names: Vec<String> = m.listeners.iter().map(|(_, l)| l.key.to_string()).collect();
     assert_eq!(names, ["web", "udp"]);
     let (origin, web) = &m.listeners[0];
-    assert_eq!(
-        origin.to_string(),
-        format!("{}: document 1", dir.path().join("all.yaml").display())
-    );
+    assert_eq!(origin.to_string(), format!("{}: document 1", dir.path().join("all.yaml").display()));
     assert_eq!(web.backends.len(), 2);
     assert_eq!(m.listeners[1].1.address, "127.0.0.1:5353".parse().expect("addr"));
 
     let services: Vec<String> = m.services.iter().map(|(_, s)| meta_key(&s.metadata)).collect();
-    assert_eq!(
-        services,
-        ["prod/api", "default/db"],
-        "namespace defaults to `default`"
-    );
+    assert_eq!(services, ["prod/api", "default/db"], "namespace defaults to `default`");
     assert_eq!(m.services[0].0.document, 2, "the empty document is skipped");
     assert_eq!(m.services[1].0.item, Some(1));
     assert_eq!(m.endpoint_slices.len(), 1);
-    assert_eq!(
-        m.endpoint_slices[0].1.metadata.namespace.as_deref(),
-        Some("default")
-    );
+    assert_eq!(m.endpoint_slices[0].1.metadata.namespace.as_deref(), Some("default"));
     assert_eq!(m.nodes.len(), 1);
     assert_eq!(m.nodes[0].0.document, 4);
 }
@@ -92,19 +82,11 @@ fn follows_symlinks_like_a_configmap_mount() {
     let dir = TempDir::new();
     let data = dir.path().join("..2024_01_01");
     std::fs::create_dir(&data).expect("mkdir");
-    std::fs::write(
-        data.join("web.yaml"),
-        listener("web", "127.0.0.1:80", "10.0.0.1:80"),
-    )
-    .expect("write");
+    std::fs::write(data.join("web.yaml"), listener("web", "127.0.0.1:80", "10.0.0.1:80")).expect("write");
     std::os::unix::fs::symlink("..2024_01_01", dir.path().join("..data")).expect("symlink");
     std::os::unix::fs::symlink("..data/web.yaml", dir.path().join("web.yaml")).expect("symlink");
     let m = load_dir(dir.path()).expect("valid");
-    assert_eq!(
-        m.listeners.len(),
-        1,
-        "read once, through the visible symlink only"
-    );
+    assert_eq!(m.listeners.len(), 1, "read once, through the visible symlink only");
 }
 
 #[test]
@@ -115,10 +97,7 @@ fn yaml_syntax_error_names_file_and_line() {
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].file, file);
     let text = p[0].to_string();
-    assert!(
-        text.contains("bad.yaml: invalid YAML") && text.contains("line 4"),
-        "{text}"
-    );
+    assert!(text.contains("bad.yaml: invalid YAML") && text.contains("line 4"), "{text}");
 }
 
 #[test]
@@ -134,10 +113,7 @@ fn unknown_listener_field_is_named() {
     );
     let p = problems(&dir);
     assert_eq!(p.len(), 1, "{p:?}");
-    assert_eq!(
-        (p[0].document, p[0].field.as_deref()),
-        (Some(5), Some("spec.healthCheck.bogus"))
-    );
+    assert_eq!((p[0].document, p[0].field.as_deref()), (Some(5), Some("spec.healthCheck.bogus")));
     assert_eq!(p[0].object.as_deref(), Some("Listener \"b\""));
     assert!(p[0].message.contains("unknown field `bogus`"), "{}", p[0].message);
 }
@@ -182,14 +158,8 @@ fn duplicate_listener_name_names_both_files() {
     let p = problems(&dir);
     assert_eq!(p.len(), 1, "{p:?}");
     let text = p[0].to_string();
-    assert!(
-        text.starts_with(&format!("{}: document 1", dir.path().join("b.yaml").display())),
-        "{text}"
-    );
-    assert!(
-        text.contains("a.yaml: document 1") && text.contains("metadata.name"),
-        "{text}"
-    );
+    assert!(text.starts_with(&format!("{}: document 1", dir.path().join("b.yaml").display())), "{text}");
+    assert!(text.contains("a.yaml: document 1") && text.contains("metadata.name"), "{text}");
 }
 
 #[test]
@@ -199,16 +169,10 @@ fn clashing_addresses_name_both_listeners() {
     dir.write("b.yaml", &listener("b", "10.0.0.1:80", "10.0.0.9:80"));
     dir.write("c.yaml", &listener("c", "0.0.0.0:80", "10.0.0.9:80"));
     // Same port, other protocol, and a specific IPv6 address next to an IPv4 wildcard: both fine.
-    dir.write(
-        "d.yaml",
-        &format!("{}  protocol: UDP\n", listener("d", "10.0.0.1:80", "10.0.0.9:80")),
-    );
+    dir.write("d.yaml", &format!("{}  protocol: UDP\n", listener("d", "10.0.0.1:80", "10.0.0.9:80")));
     dir.write("e.yaml", &listener("e", "[::1]:80", "10.0.0.9:80"));
     let p = problems(&dir);
-    let fields: Vec<_> = p
-        .iter()
-        .map(|p| (p.object.as_deref(), p.field.as_deref()))
-        .collect();
+    let fields: Vec<_> = p.iter().map(|p| (p.object.as_deref(), p.field.as_deref())).collect();
     assert_eq!(
         fields,
         [
@@ -219,10 +183,7 @@ fn clashing_addresses_name_both_listeners() {
         "{p:#?}"
     );
     assert!(p[0].to_string().contains("a.yaml: document 1"), "{}", p[0]);
-    assert!(
-        p[1].message.contains("Listener \"a\"") && p[2].message.contains("Listener \"b\""),
-        "{p:#?}"
-    );
+    assert!(p[1].message.contains("Listener \"a\"") && p[2].message.contains("Listener \"b\""), "{p:#?}");
 
     let dir = TempDir::new();
     dir.write("a.yaml", &listener("a", "[::]:53", "10.0.0.9:53"));
@@ -241,15 +202,10 @@ fn unknown_kind_is_an_error() {
     let got: Vec<_> = p.iter().map(|p| (p.document, p.field.as_deref())).collect();
     assert_eq!(
         got,
-        [
-            (Some(1), Some("kind")),
-            (Some(2), Some("apiVersion/kind")),
-            (Some(3), Some("(document)"))
-        ]
+        [(Some(1), Some("kind")), (Some(2), Some("apiVersion/kind")), (Some(3), Some("(document)"))]
     );
     assert!(
-        p[0].to_string()
-            .contains("(Deployment \"d\"): kind: unsupported kind \"Deployment\""),
+        p[0].to_string().contains("(Deployment \"d\"): kind: unsupported kind \"Deployment\""),
         "{}",
         p[0]
     );
@@ -265,10 +221,7 @@ fn reports_every_problem_at_once() {
     assert_eq!(err.problems.len(), 3, "{err}");
     let text = err.to_string();
     assert!(text.starts_with("3 problems in manifests in"), "{text}");
-    assert!(
-        text.contains("b.yaml: document 1 (Listener \"b\"): spec.address:"),
-        "{text}"
-    );
+    assert!(text.contains("b.yaml: document 1 (Listener \"b\"): spec.address:"), "{text}");
 }
 
 #[test]
@@ -278,10 +231,7 @@ fn missing_directory_is_an_error() {
     let err = load_dir(&missing).expect_err("missing dir");
     assert_eq!(err.problems.len(), 1);
     assert_eq!(err.problems[0].file, missing);
-    assert!(
-        err.problems[0].message.starts_with("cannot read directory"),
-        "{err}"
-    );
+    assert!(err.problems[0].message.starts_with("cannot read directory"), "{err}");
 }
 
 #[test]
@@ -297,9 +247,5 @@ fn hundreds_of_files_load_quickly() {
     let m = load_dir(dir.path()).expect("valid");
     assert_eq!(m.listeners.len(), 300);
     // Generous bound for a debug build on a shared machine; release is far faster.
-    assert!(
-        start.elapsed() < std::time::Duration::from_secs(2),
-        "{:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(2), "{:?}", start.elapsed());
 }
