@@ -227,8 +227,9 @@ EOF
   "${NSX[@]}" taskset -c "$CPU_LOAD" nginx -p "$w" -c "$w/nginx.conf" -e "$w/nginx-error.log" \
     >"$OUT/raw/nginx.log" 2>&1 &
   PID_OF[nginx]=$!
-  wait_port 127.0.0.2 8080 "${PID_OF[nginx]}" && wait_port 127.0.0.3 8080 "${PID_OF[nginx]}" ||
+  if ! wait_port 127.0.0.2 8080 "${PID_OF[nginx]}" || ! wait_port 127.0.0.3 8080 "${PID_OF[nginx]}"; then
     die "nginx did not come up (see $OUT/raw/nginx.log, $w/nginx-error.log)"
+  fi
   start_iperf_server
 }
 
@@ -393,14 +394,14 @@ measure() {
     ;;
   esac
   wait_quiet
-  local p0 o0 m0 cb0 ct0 w0 p1 o1 m1 cb1 ct1 w1 x
-  p0=$(tree_ticks $pid) o0=$(ours_ticks) w0=$(now)
-  read -r m0 x < <(cpu_jiffies cpu)
+  local p0 o0 m0 cb0 ct0 w0 p1 o1 m1 cb1 ct1 w1
+  p0=$(tree_ticks ${pid:+"$pid"}) o0=$(ours_ticks) w0=$(now)
+  read -r m0 _ < <(cpu_jiffies cpu)
   read -r cb0 ct0 < <(cpu_jiffies "cpu$CPU_PROXY")
   run_load "$raw.out" "${load[@]}"
   read -r cb1 ct1 < <(cpu_jiffies "cpu$CPU_PROXY")
-  read -r m1 x < <(cpu_jiffies cpu)
-  p1=$(tree_ticks $pid) o1=$(ours_ticks) w1=$(now)
+  read -r m1 _ < <(cpu_jiffies cpu)
+  p1=$(tree_ticks ${pid:+"$pid"}) o1=$(ours_ticks) w1=$(now)
   case $t in
   bulk*) parse_iperf "$raw.out" ;;
   *) parse_wrk "$raw.out" ;;
@@ -467,7 +468,7 @@ report() {
       function add(key, v) { cnt[key]++; vals[key, cnt[key]] = v }
       function name(c) { return c == "haproxy" ? "HAProxy" : c }
       function fmt(v, f) { return v == "" ? "fail" : sprintf(f, v) }
-      function row(label, t, m, f, lower,   i, c, line, a, b) {
+      function row(label, t, m, f,   i, c, line, a, b) {
         line = "| " label
         for (i = 1; i <= nc; i++) { c = C[i]; line = line " | " (m ~ /^cpu/ && c == "direct" ? "–" : fmt(median(t SUBSEP c SUBSEP m), f)) }
         if (ratio && m == "foreign") line = line " | –"
@@ -527,7 +528,7 @@ write_configs
 start_backends
 for c in $CONTENDERS; do start_contender "$c"; done
 
-r_order=($CONTENDERS)
+read -ra r_order <<<"$CONTENDERS"
 for t in $TESTS; do
   for ((r = 1; r <= ROUNDS; r++)); do
     order=("${r_order[@]}")

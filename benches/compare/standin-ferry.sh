@@ -9,7 +9,7 @@ set -euo pipefail
   exit 2
 }
 shift
-dir= threads=1
+dir='' threads=1
 while (($#)); do
   case $1 in
   --config)

@@ -357,3 +357,64 @@ pub async fn tcp_hello(addr: SocketAddr) -> std::io::Result<String> {
     }
     Ok(String::from_utf8_lossy(&line).into_owned())
 }
+
+/// An HTTP/1.0 backend answering every request with `status` and its name as the body.
+/// The status can be changed while it runs (to fail or pass health checks).
+pub struct HttpBackend {
+    pub addr: SocketAddr,
+    status: Arc<std::sync::atomic::AtomicU16>,
+    task: JoinHandle<()>,
+}
+
+impl HttpBackend {
+    pub async fn start(name: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http backend");
+        let addr = listener.local_addr().expect("addr");
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let current = status.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else { return };
+                let code = current.load(std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut n = 0;
+                    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                        match s.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(m) => n += m,
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.0 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                        name.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        Self { addr, status, task }
+    }
+
+    pub fn set_status(&self, code: u16) {
+        self.status.store(code, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for HttpBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One HTTP/1.0 request through `front`; returns the response body.
+pub async fn http_body(front: SocketAddr) -> std::io::Result<String> {
+    let mut s = tokio::time::timeout(DEADLINE, tokio::net::TcpStream::connect(front)).await??;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+    let mut resp = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut resp)).await??;
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    resp.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("no HTTP response: {resp:?}")))
+}

@@ -7,6 +7,7 @@ mod admin;
 mod check;
 mod harness;
 mod lb_config;
+mod lb_health;
 mod lb_tcp;
 mod lb_udp;
 mod lifecycle;
