@@ -25,6 +25,7 @@
 #   FOREIGN_MAX [10] RETRIES [1]    re-run cells with more foreign CPU (% of the machine) than this,
 #   RETRY_UNTIL [240]               but only during the first RETRY_UNTIL seconds of the run (bounds runtime)
 #   WARMUP [1]        seconds of unmeasured wrk before each HTTP cell
+#   FERRY_ZERO_COPY [false]  set `zeroCopy: true` on ferry's listeners (splice for bulk data)
 #   FERRY_LOG [warn]  ferry log filter (FERRY_LOG and RUST_LOG; HAProxy runs without logging)
 #   CPU_PROXY [1] CPU_LOAD [0]
 #
@@ -46,6 +47,7 @@ RETRIES=${RETRIES:-1}
 RETRY_UNTIL=${RETRY_UNTIL:-240}
 WARMUP=${WARMUP:-1}
 FERRY_LOG=${FERRY_LOG:-warn}
+FERRY_ZERO_COPY=${FERRY_ZERO_COPY:-false}
 CPU_PROXY=${CPU_PROXY:-1}
 CPU_LOAD=${CPU_LOAD:-0}
 WRK_THREADS=2
@@ -269,6 +271,10 @@ spec:
   backends: ["127.0.0.2:5201"]
   balancing: RoundRobin
 EOF
+  if [[ $FERRY_ZERO_COPY == true ]]; then
+    printf '  zeroCopy: true\n' >>"$f/http.yaml"
+    printf '  zeroCopy: true\n' >>"$f/bulk.yaml"
+  fi
   cat >"$OUT/work/haproxy.cfg" <<'EOF'
 global
   nbthread 1
@@ -548,7 +554,7 @@ git_dirty=$(git -C "$REPO" status --porcelain 2>/dev/null | wc -l)
 {
   echo "ferry vs HAProxy, L4 on loopback (netns), $(date -u +%Y-%m-%dT%H:%MZ), $(uname -r), ${NCPU} CPUs,"
   echo "DUR=${DUR}s × ROUNDS=$ROUNDS (median), proxy on CPU$CPU_PROXY, wrk/iperf3/nginx on CPU$CPU_LOAD; run took ${ELAPSED}s."
-  echo "ferry: ${ferry_ver:-?} ($FERRY_BIN, repo ${git_rev:-?}${git_dirty:+, $git_dirty uncommitted files}); $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1 | cut -d' ' -f3)"
+  echo "ferry: ${ferry_ver:-?} (zeroCopy=$FERRY_ZERO_COPY, $FERRY_BIN, repo ${git_rev:-?}${git_dirty:+, $git_dirty uncommitted files}); $(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1 | cut -d' ' -f3)"
   echo
   report
   echo

@@ -34,6 +34,7 @@ fn pool(balancing: Balancing, session_affinity: SessionAffinity, n: u16) -> Pool
         health_check: None,
         passive_health: PassiveHealth::default(),
         timeouts: Timeouts::default(),
+        zero_copy: false,
         internal_traffic_policy: TrafficPolicy::Cluster,
         external_traffic_policy: TrafficPolicy::Cluster,
         load_balancer_source_ranges: Vec::new(),

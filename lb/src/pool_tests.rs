@@ -17,6 +17,7 @@ pub(crate) fn port(balancing: Balancing, session_affinity: SessionAffinity) -> A
         health_check: None,
         passive_health: PassiveHealth::default(),
         timeouts: Timeouts::default(),
+        zero_copy: false,
         internal_traffic_policy: TrafficPolicy::Cluster,
         external_traffic_policy: TrafficPolicy::Cluster,
         load_balancer_source_ranges: Vec::new(),

@@ -489,6 +489,7 @@ fn make_port(
         health_check: None,
         passive_health: PassiveHealth::default(),
         timeouts: Timeouts::default(),
+        zero_copy: input.zero_copy,
         internal_traffic_policy: itp,
         external_traffic_policy: etp,
         load_balancer_source_ranges,

@@ -64,6 +64,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Service annotation choosing the [`Balancing`] of all its ports.
 pub const BALANCING_ANNOTATION: &str = "ferry.ethercluster.io/balancing";
+/// Annotation that turns on `splice(2)` for bulk TCP data (`"true"`).
+pub const ZERO_COPY_ANNOTATION: &str = "ferry.ethercluster.io/zero-copy";
 
 /// Whether a proxy named `proxy_name` handles an object with these labels.
 ///
@@ -158,6 +160,7 @@ pub(crate) struct ServiceInput {
     pub(crate) external_traffic_policy: TrafficPolicy,
     pub(crate) health_check_node_port: Option<u16>,
     pub(crate) balancing: Balancing,
+    pub(crate) zero_copy: bool,
 }
 
 /// One `EndpointSlice` port that can be matched to a service port.
@@ -286,6 +289,12 @@ impl ServiceInput {
             Some(b) if b == "LeastConnections" => Balancing::LeastConnections,
             _ => Balancing::Random,
         };
+        let zero_copy = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ZERO_COPY_ANNOTATION))
+            .is_some_and(|v| v == "true");
         Self {
             service_type,
             kind,
@@ -299,6 +308,7 @@ impl ServiceInput {
             external_traffic_policy,
             health_check_node_port,
             balancing,
+            zero_copy,
         }
     }
 }

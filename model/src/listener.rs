@@ -86,6 +86,9 @@ pub struct ListenerSpec {
     /// Idle timeout of a UDP flow, in seconds (default 30).
     #[serde(default)]
     pub udp_idle_timeout_seconds: Option<f64>,
+    /// Move bulk TCP data with `splice(2)` (default false).
+    #[serde(default)]
+    pub zero_copy: Option<bool>,
 }
 
 fn default_protocol() -> Protocol {
@@ -269,6 +272,8 @@ pub struct ValidListener {
     pub passive_health: PassiveHealth,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Splice bulk TCP data.
+    pub zero_copy: bool,
 }
 
 // === impl Listener ===
@@ -361,6 +366,7 @@ impl Listener {
             health_check,
             passive_health,
             timeouts: Timeouts { connect, connect_attempts, udp_idle },
+            zero_copy: spec.zero_copy.unwrap_or(false),
         })
     }
 }
@@ -474,6 +480,7 @@ impl ValidListener {
             health_check: self.health_check.clone(),
             passive_health: self.passive_health,
             timeouts: self.timeouts,
+            zero_copy: self.zero_copy,
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_traffic_policy: TrafficPolicy::Cluster,
             load_balancer_source_ranges: Vec::new(),

@@ -284,6 +284,9 @@ pub struct ServicePort {
     pub passive_health: PassiveHealth,
     /// Connect and flow timeouts.
     pub timeouts: Timeouts,
+    /// Move bulk TCP data with `splice(2)` once a direction carries more than small messages.
+    /// Off by default: on loopback and veth paths copying measured faster (`benches/README.md`).
+    pub zero_copy: bool,
     /// `spec.internalTrafficPolicy`.
     pub internal_traffic_policy: TrafficPolicy,
     /// `spec.externalTrafficPolicy`.

@@ -309,7 +309,7 @@ impl Drop for Manager {
 
 /// A non-blocking frontend socket: `SO_REUSEADDR`, `SO_REUSEPORT`, `IPV6_V6ONLY` for v6,
 /// listening with a backlog of [`BACKLOG`] for TCP.
-fn bind(protocol: Protocol, addr: SocketAddr) -> io::Result<Socket> {
+pub(crate) fn bind(protocol: Protocol, addr: SocketAddr) -> io::Result<Socket> {
     let ty = if protocol == Protocol::Udp { Type::DGRAM } else { Type::STREAM };
     let socket = Socket::new(Domain::for_address(addr), ty, None)?;
     socket.set_reuse_address(true)?;
@@ -321,6 +321,9 @@ fn bind(protocol: Protocol, addr: SocketAddr) -> io::Result<Socket> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     if protocol != Protocol::Udp {
+        // Accepted sockets inherit TCP_NODELAY from the listener on Linux: one setsockopt per
+        // listener instead of one per connection.
+        socket.set_tcp_nodelay(true)?;
         socket.listen(BACKLOG)?;
     }
     Ok(socket)

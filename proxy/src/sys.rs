@@ -14,11 +14,17 @@ use std::{
 /// How many idle pipes one thread keeps for reuse.
 const CACHE: usize = 64;
 
+/// Capacity asked for each pipe (`F_SETPIPE_SZ`): larger pipes move more per `splice` call, so
+/// bulk transfers need fewer system calls and wake-ups. The kernel caps it at
+/// `/proc/sys/fs/pipe-max-size` (1 MiB by default); pages are only used while data is in flight.
+const PIPE_SIZE: libc::c_int = 1 << 20;
+
 /// A non-blocking pipe: bytes spliced into `write` come out of `read`.
 #[derive(Debug)]
 pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    capacity: usize,
 }
 
 thread_local! {
@@ -53,7 +59,18 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok(Self { read, write })
+        // SAFETY: fcntl on a descriptor we own; F_SETPIPE_SZ takes an int and returns the new
+        // capacity or -1 (then the default capacity stays, which is fine).
+        let set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        // SAFETY: as above; F_GETPIPE_SZ takes no argument.
+        let got = if set > 0 { set } else { unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) } };
+        let capacity = usize::try_from(got).ok().filter(|&c| c > 0).unwrap_or(1 << 16);
+        Ok(Self { read, write, capacity })
+    }
+
+    /// Bytes the pipe holds when full.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Moves up to `len` bytes from the socket `from` into the pipe.

@@ -1,6 +1,6 @@
 //! TCP proxying: the accept loop ([`serve`]) and one task per connection.
 //!
-//! Per connection: TCP_NODELAY and keepalive on both sockets, pick an endpoint, connect with the
+//! Per connection: TCP_NODELAY on both sockets, pick an endpoint, connect with the
 //! port's connect timeout, retry other endpoints up to `connect_attempts` (a fixed array of tried
 //! addresses, no allocation), then relay both directions until both have ended.
 //!
@@ -11,18 +11,19 @@
 //! - No endpoint, or every attempt failed -> the client is closed at once with RST.
 //! - The endpoint's drain token cancelled -> both sides are closed with RST.
 //!
-//! On Linux bytes move with `splice(2)` through a pipe per direction (see [`crate::sys`]); if
-//! pipes or splice are unavailable the relay falls back to a buffered copy. Both are driven by
-//! tokio readiness (`readable()`/`writable()` + `try_io`), so the two directions share one task.
+//! Bytes first move through a per-thread scratch buffer (cheapest for small messages); a direction
+//! whose read fills the buffer carries bulk data and switches to `splice(2)` through a pipe (Linux,
+//! see [`crate::sys`]). Both are driven by tokio readiness (`readable()`/`writable()` + `try_io`),
+//! so the two directions share one task and a connection owns no buffer of its own.
 
 use std::{
-    io,
+    io::{self, Read as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
 
-use socket2::{SockRef, TcpKeepalive};
+use socket2::SockRef;
 use tokio::{
     io::Interest,
     net::{TcpListener, TcpStream},
@@ -34,8 +35,6 @@ use crate::{error::Error, state::ListenerState};
 /// Upper bound on endpoints tried for one connection (the listener kind allows 1..=16).
 pub const MAX_CONNECT_ATTEMPTS: usize = 16;
 
-const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts clients on `listener` until `stop` is cancelled, proxying each to an endpoint of
@@ -96,11 +95,12 @@ impl Drop for Active<'_> {
 async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) {
     state.opened();
     let _active = Active(&state);
-    tune(&client);
+    // TCP_NODELAY is inherited from the listening socket (see `manager::bind`).
 
     let upstreams = state.upstreams();
     let pool = upstreams.pool();
     let timeouts = pool.port().timeouts;
+    let zero_copy = pool.port().zero_copy;
     let attempts = (timeouts.connect_attempts as usize).clamp(1, MAX_CONNECT_ATTEMPTS);
     let mut tried = [SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0); MAX_CONNECT_ATTEMPTS];
     let mut n = 0;
@@ -142,7 +142,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
     tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), "connected");
 
     let outcome = tokio::select! {
-        r = relay(&client, &server, &state) => Some(r),
+        r = relay(&client, &server, &state, zero_copy) => Some(r),
         () = drain.cancelled() => None,
     };
     match outcome {
@@ -165,11 +165,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
     }
 }
 
-/// TCP_NODELAY and keepalive; failures only cost latency or liveness detection.
+/// TCP_NODELAY (small writes go out at once, as the client sent them); failure only costs latency.
 fn tune(s: &TcpStream) {
     let _ = s.set_nodelay(true);
-    let ka = TcpKeepalive::new().with_time(KEEPALIVE_TIME).with_interval(KEEPALIVE_INTERVAL);
-    let _ = SockRef::from(s).set_tcp_keepalive(&ka);
 }
 
 /// Arranges for the socket to be closed with RST when it is dropped.
@@ -182,12 +180,17 @@ fn half_close(s: &TcpStream) {
 }
 
 /// Relays both directions until both ended; returns bytes (from client, to client).
-async fn relay(client: &TcpStream, server: &TcpStream, state: &ListenerState) -> Result<(u64, u64), Error> {
-    #[cfg(target_os = "linux")]
-    if let Some(r) = splice::relay(client, server, &state.metrics.rx, &state.metrics.tx).await {
-        return r;
-    }
-    copy::relay(client, server, &state.metrics.rx, &state.metrics.tx).await
+async fn relay(
+    client: &TcpStream,
+    server: &TcpStream,
+    state: &ListenerState,
+    zero_copy: bool,
+) -> Result<(u64, u64), Error> {
+    let (rx, tx) = (&state.metrics.rx, &state.metrics.tx);
+    tokio::try_join!(
+        async { one_way(client, server, rx, zero_copy).await.map_err(|f| side_error(f, true)) },
+        async { one_way(server, client, tx, zero_copy).await.map_err(|f| side_error(f, false)) },
+    )
 }
 
 /// Which side a one-direction copy failed on.
@@ -203,133 +206,175 @@ fn side_error(fail: Fail, from_client: bool) -> Error {
     }
 }
 
+/// Size of the per-thread copy buffer; a read that fills it switches the direction to splice.
+const SCRATCH_LEN: usize = 16 * 1024;
+
+thread_local! {
+    /// One copy buffer per worker thread. It is only borrowed between a read and the write that
+    /// immediately follows it, never across an `.await`, so the tasks of a thread can share it.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
+}
+
+fn transient(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+}
+
+/// Moves bytes `from` -> `to` until EOF, then half-closes `to`. Returns the bytes moved.
+///
+/// Small messages (requests, responses, handshakes) are copied through the thread's scratch
+/// buffer: a read is written out at once in the same poll, so no per-connection buffer exists
+/// unless a write blocks (then only the unwritten rest is kept). Once a read fills the whole
+/// buffer the direction is carrying bulk data and switches to `splice(2)` (Linux), which moves
+/// pages without copying them through user space. This is HAProxy's `splice-auto` idea.
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    bytes: &metrics::Counter,
+    zero_copy: bool,
+) -> Result<u64, Fail> {
+    let mut total = 0u64;
+    let mut rest: Vec<u8> = Vec::new();
+    loop {
+        let ready = from.ready(Interest::READABLE).await.map_err(Fail::Read)?;
+        // A read shorter than the buffer almost always drained the socket. Telling tokio so
+        // (the closure reports WouldBlock after keeping the bytes) saves the read that would
+        // only return EAGAIN: one system call per message. Not when the peer's FIN is already
+        // known (`read_closed`), because then no further readiness event would wake us for EOF.
+        // A race with newly arrived data is safe: tokio only clears readiness if no new event
+        // arrived since `ready` was observed.
+        let read_closed = ready.is_read_closed();
+        let mut got = 0;
+        let read = SCRATCH.with_borrow_mut(|buf| {
+            from.try_io(Interest::READABLE, || {
+                got = (&*SockRef::from(from)).read(buf)?;
+                if got > 0 && got < buf.len() && !read_closed {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(got)
+                }
+            })
+        });
+        let n = match read {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if transient(&e) && got > 0 => got,
+            Err(e) if transient(&e) => continue,
+            Err(e) => return Err(Fail::Read(e)),
+        };
+        let written = match SCRATCH.with_borrow(|buf| to.try_write(&buf[..n])) {
+            Ok(m) => m,
+            Err(e) if transient(&e) => 0,
+            Err(e) => return Err(Fail::Write(e)),
+        };
+        if written < n {
+            SCRATCH.with_borrow(|buf| rest.extend_from_slice(&buf[written..n]));
+            write_all(to, &rest).await?;
+            rest.clear();
+        }
+        total += n as u64;
+        bytes.increment(n as u64);
+        #[cfg(target_os = "linux")]
+        if zero_copy
+            && n == SCRATCH_LEN
+            && let Ok(pipe) = crate::sys::Pipe::take()
+        {
+            return splice::rest(from, to, pipe, total, bytes).await;
+        }
+    }
+    half_close(to);
+    Ok(total)
+}
+
+async fn write_all(to: &TcpStream, mut buf: &[u8]) -> Result<(), Fail> {
+    while !buf.is_empty() {
+        to.writable().await.map_err(Fail::Write)?;
+        match to.try_write(buf) {
+            Ok(m) => buf = &buf[m..],
+            Err(e) if transient(&e) => {}
+            Err(e) => return Err(Fail::Write(e)),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(target_os = "linux")]
 mod splice {
-    //! Zero-copy relay: socket -> pipe -> socket with `splice(2)`.
+    //! Zero-copy relay of one direction: socket -> pipe -> socket with `splice(2)`.
 
     use std::os::fd::AsRawFd;
 
     use super::*;
     use crate::sys::Pipe;
 
-    /// Bytes moved per splice call (the default pipe capacity).
-    const CHUNK: usize = 1 << 16;
-
-    /// `None` when pipes are unavailable (the caller falls back to copying).
-    pub(super) async fn relay(
-        client: &TcpStream,
-        server: &TcpStream,
-        rx: &metrics::Counter,
-        tx: &metrics::Counter,
-    ) -> Option<Result<(u64, u64), Error>> {
-        let up = Pipe::take().ok()?;
-        let Ok(down) = Pipe::take() else {
-            up.give_back();
-            return None;
-        };
-        let mut up_left = 0;
-        let mut down_left = 0;
-        let r = tokio::try_join!(
-            async { one_way(client, server, &up, &mut up_left, rx).await.map_err(|f| side_error(f, true)) },
-            async {
-                one_way(server, client, &down, &mut down_left, tx).await.map_err(|f| side_error(f, false))
-            },
-        );
-        // A pipe that may still hold bytes is closed, never reused.
-        if up_left == 0 {
-            up.give_back();
-        }
-        if down_left == 0 {
-            down.give_back();
-        }
-        Some(r)
-    }
-
-    async fn one_way(
+    /// Continues [`one_way`](super::one_way) with `splice`, from `total` bytes moved so far.
+    pub(super) async fn rest(
         from: &TcpStream,
         to: &TcpStream,
-        pipe: &Pipe,
-        in_pipe: &mut usize,
+        pipe: Pipe,
+        mut total: u64,
         bytes: &metrics::Counter,
     ) -> Result<u64, Fail> {
-        let mut total = 0u64;
-        loop {
-            from.readable().await.map_err(Fail::Read)?;
-            let n = match from.try_io(Interest::READABLE, || pipe.fill_from(from.as_raw_fd(), CHUNK)) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Fail::Read(e)),
-            };
-            *in_pipe += n;
-            while *in_pipe > 0 {
-                to.writable().await.map_err(Fail::Write)?;
-                match to.try_io(Interest::WRITABLE, || pipe.drain_to(to.as_raw_fd(), *in_pipe)) {
-                    Ok(m) => {
-                        *in_pipe -= m;
-                        total += m as u64;
-                        bytes.increment(m as u64);
+        let cap = pipe.capacity();
+        let (rfd, wfd) = (from.as_raw_fd(), to.as_raw_fd());
+        let mut in_pipe = 0;
+        let mut eof = false;
+        let result = async {
+            loop {
+                let mut progress = false;
+                // Read while the pipe has room, even while the writer is blocked, so both
+                // sockets keep moving (a pipeline, not ping-pong).
+                if !eof && in_pipe < cap {
+                    // With an empty pipe, EAGAIN can only mean "socket drained": let tokio
+                    // clear the read readiness. With data in the pipe, EAGAIN may mean "pipe
+                    // full" instead, so the readiness must be left alone.
+                    let filled = if in_pipe == 0 {
+                        from.try_io(Interest::READABLE, || pipe.fill_from(rfd, cap.min(1 << 16)))
+                    } else {
+                        pipe.fill_from(rfd, (cap - in_pipe).min(1 << 16))
+                    };
+                    match filled {
+                        Ok(0) => eof = true,
+                        Ok(n) => {
+                            in_pipe += n;
+                            progress = true;
+                        }
+                        Err(e) if transient(&e) => {}
+                        Err(e) => return Err(Fail::Read(e)),
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Fail::Write(e)),
+                }
+                if in_pipe > 0 {
+                    match to.try_io(Interest::WRITABLE, || pipe.drain_to(wfd, in_pipe)) {
+                        Ok(m) => {
+                            in_pipe -= m;
+                            total += m as u64;
+                            bytes.increment(m as u64);
+                            progress = true;
+                        }
+                        Err(e) if transient(&e) => {}
+                        Err(e) => return Err(Fail::Write(e)),
+                    }
+                }
+                if eof && in_pipe == 0 {
+                    break;
+                }
+                if !progress {
+                    if in_pipe == 0 {
+                        from.readable().await.map_err(Fail::Read)?;
+                    } else {
+                        to.writable().await.map_err(Fail::Write)?;
+                    }
                 }
             }
+            half_close(to);
+            Ok(total)
         }
-        half_close(to);
-        Ok(total)
-    }
-}
-
-mod copy {
-    //! Buffered relay for systems without splice.
-
-    use super::*;
-
-    const BUF: usize = 16 * 1024;
-
-    pub(super) async fn relay(
-        client: &TcpStream,
-        server: &TcpStream,
-        rx: &metrics::Counter,
-        tx: &metrics::Counter,
-    ) -> Result<(u64, u64), Error> {
-        tokio::try_join!(
-            async { one_way(client, server, rx).await.map_err(|f| side_error(f, true)) },
-            async { one_way(server, client, tx).await.map_err(|f| side_error(f, false)) },
-        )
-    }
-
-    async fn one_way(from: &TcpStream, to: &TcpStream, bytes: &metrics::Counter) -> Result<u64, Fail> {
-        let mut buf = vec![0u8; BUF];
-        let mut total = 0u64;
-        loop {
-            from.readable().await.map_err(Fail::Read)?;
-            let n = match from.try_read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Fail::Read(e)),
-            };
-            let mut off = 0;
-            while off < n {
-                to.writable().await.map_err(Fail::Write)?;
-                match to.try_write(&buf[off..n]) {
-                    Ok(m) => {
-                        off += m;
-                        total += m as u64;
-                        bytes.increment(m as u64);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Fail::Write(e)),
-                }
-            }
+        .await;
+        // A pipe that may still hold bytes is closed, never reused.
+        if in_pipe == 0 {
+            pipe.give_back();
         }
-        half_close(to);
-        Ok(total)
+        result
     }
 }
 
@@ -350,19 +395,17 @@ mod tests {
         (client, pc, ps, server)
     }
 
-    async fn exchange(splice: bool) {
+    async fn exchange(size: usize, zero_copy: bool) {
         let (mut client, pc, ps, mut server) = pairs().await;
         let rx = metrics::Counter::noop();
         let tx = metrics::Counter::noop();
         let relay = async {
-            #[cfg(target_os = "linux")]
-            if splice {
-                return splice::relay(&pc, &ps, &rx, &tx).await.expect("pipes");
-            }
-            let _ = splice;
-            copy::relay(&pc, &ps, &rx, &tx).await
+            tokio::try_join!(
+                async { one_way(&pc, &ps, &rx, zero_copy).await.map_err(|f| side_error(f, true)) },
+                async { one_way(&ps, &pc, &tx, zero_copy).await.map_err(|f| side_error(f, false)) },
+            )
         };
-        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let payload: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
         let ends = async {
             client.write_all(&payload).await.expect("write");
             client.shutdown().await.expect("half-close");
@@ -383,13 +426,34 @@ mod tests {
         assert_eq!(back, b"reply after EOF");
     }
 
+    /// The accepted socket inherits TCP_NODELAY from the listener, so `handle` need not set it.
     #[tokio::test]
-    async fn copy_relay_half_close() {
-        exchange(false).await;
+    async fn accepted_sockets_inherit_nodelay() {
+        let socket = crate::manager::bind(ferry_model::Protocol::Tcp, "127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let listener = TcpListener::from_std(socket.into()).expect("listener");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(accepted.nodelay().expect("nodelay"));
     }
 
+    /// Small transfers stay on the copy path.
     #[tokio::test]
-    async fn splice_relay_half_close() {
-        exchange(true).await;
+    async fn small_transfer_half_close() {
+        exchange(100, false).await;
+        exchange(100, true).await;
+    }
+
+    /// Bulk transfers through the copy path.
+    #[tokio::test]
+    async fn bulk_transfer_half_close() {
+        exchange(3_000_000, false).await;
+    }
+
+    /// With zero copy, bulk transfers switch to splice mid-stream; nothing is lost or reordered.
+    #[tokio::test]
+    async fn bulk_transfer_with_splice_half_close() {
+        exchange(3_000_000, true).await;
     }
 }

@@ -38,6 +38,7 @@ fn listener(name: &str, addr: &str, protocol: Protocol, backends: &[SocketAddr])
             connect_attempts: 3,
             udp_idle: Duration::from_secs(30),
         },
+        zero_copy: true,
     }
 }
 

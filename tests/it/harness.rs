@@ -414,7 +414,7 @@ pub async fn http_body(front: SocketAddr) -> std::io::Result<String> {
     let mut resp = Vec::new();
     tokio::time::timeout(DEADLINE, s.read_to_end(&mut resp)).await??;
     let resp = String::from_utf8_lossy(&resp).into_owned();
-    resp.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("no HTTP response: {resp:?}")))
+    resp.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("no HTTP response: {resp:?}"))
+    })
 }

@@ -52,6 +52,7 @@ fn listener(ns: &str, name: &str, address: &str) -> ValidListener {
         health_check: None,
         passive_health: PassiveHealth::default(),
         timeouts: Timeouts::default(),
+        zero_copy: false,
     }
 }
 
