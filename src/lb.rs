@@ -29,11 +29,18 @@ pub(crate) fn run(args: LbArgs) -> anyhow::Result<()> {
 
 /// Builds the tokio runtime with `--worker-threads`.
 pub(crate) fn runtime(args: &RunArgs) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = args.worker_threads {
-        anyhow::ensure!(n > 0, "--worker-threads must be at least 1");
-        builder.worker_threads(n);
-    }
+    let mut builder = match args.worker_threads {
+        Some(0) => anyhow::bail!("--worker-threads must be at least 1"),
+        // One thread: the current-thread scheduler has no work-stealing or cross-thread wake-up
+        // costs, and everything (data plane, admin, reloads) runs on that one thread.
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.thread_name("ferry-worker").enable_all().build().context("starting the async runtime")
 }
 

@@ -17,7 +17,8 @@ async fn tcp_round_robin_spreads_evenly_over_backends() {
     let front = local(free_port());
     let dir = ConfigDir::new();
     dir.write("web.yaml", &listener_yaml("web", front, "TCP", &addrs, "  balancing: RoundRobin\n"));
-    let ferry = Ferry::start(&dir, &[]);
+    // One worker thread: the current-thread runtime (what the benchmarks run).
+    let ferry = Ferry::start(&dir, &["--worker-threads", "1"]);
 
     let mut seen: HashMap<String, usize> = HashMap::new();
     for _ in 0..30 {
