@@ -47,6 +47,15 @@ pub(crate) fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         "Connections or datagrams refused because no endpoint was usable"
     );
     metrics::describe_gauge!("ferry_endpoint_healthy", "1 if the endpoint passes its active health check");
+    metrics::describe_counter!(
+        "ferry_listener_bind_failures_total",
+        "Frontend sockets that could not be bound"
+    );
+    metrics::describe_counter!("ferry_udp_datagrams_total", "UDP datagrams; rx from clients, tx to clients");
+    metrics::describe_counter!(
+        "ferry_pool_panic_picks_total",
+        "Endpoints picked while none was healthy (all endpoints are tried rather than none)"
+    );
     metrics::describe_gauge!("ferry_snapshot_version", "Version of the live snapshot");
     metrics::describe_histogram!("ferry_snapshot_build_duration_seconds", "Time to build a snapshot");
     metrics::describe_counter!("ferry_config_reload_failures_total", "Configuration reloads rejected");

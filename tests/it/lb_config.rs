@@ -129,3 +129,28 @@ async fn sighup_reloads_and_configmap_symlink_swaps_are_followed() {
     ferry.wait_version(v1 + 2);
     assert_eq!(tcp_hello(front).await.expect("a again"), "a");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_to_a_removed_endpoint_is_closed_at_the_drain_deadline() {
+    let a = TcpBackend::start("a").await;
+    let b = TcpBackend::start("b").await;
+    let front = local(free_port());
+    let dir = ConfigDir::new();
+    dir.write("web.yaml", &listener_yaml("web", front, "TCP", &[a.addr], ""));
+    let ferry = Ferry::start(&dir, &["--drain-timeout", "1s"]);
+    let v1 = ferry.snapshot()["version"].as_u64().expect("version");
+    let (mut to_a, _) = open(front).await;
+
+    dir.write("web.yaml", &listener_yaml("web", front, "TCP", &[b.addr], ""));
+    ferry.wait_version(v1 + 1);
+    let removed_at = std::time::Instant::now();
+    assert_echo(&mut to_a, b"within the deadline").await;
+
+    // The connection ends once the drain deadline passes (not before).
+    let mut rest = Vec::new();
+    let _ =
+        tokio::time::timeout(DEADLINE, to_a.read_to_end(&mut rest)).await.expect("closed by the deadline");
+    let after = removed_at.elapsed();
+    assert!(after >= Duration::from_millis(800), "closed too early: {after:?}");
+    assert_eq!(tcp_hello(front).await.expect("new connections go to b"), "b");
+}
