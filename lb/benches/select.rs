@@ -35,6 +35,7 @@ fn pool(balancing: Balancing, session_affinity: SessionAffinity, n: u16) -> Pool
         passive_health: PassiveHealth::default(),
         timeouts: Timeouts::default(),
         zero_copy: false,
+        proxy_protocol: false,
         internal_traffic_policy: TrafficPolicy::Cluster,
         external_traffic_policy: TrafficPolicy::Cluster,
         load_balancer_source_ranges: Vec::new(),

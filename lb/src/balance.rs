@@ -57,7 +57,8 @@ pub fn select<T>(
     rng: &mut impl RandomSource,
 ) -> Option<usize> {
     match balancing {
-        Balancing::Random => random(items, eligible, rng),
+        // Maglev needs the client; `Pool::pick` handles it before calling here (fallback: random).
+        Balancing::Random | Balancing::Maglev => random(items, eligible, rng),
         Balancing::RoundRobin => round_robin(items, cursor, eligible),
         Balancing::LeastConnections => least_connections(items, eligible, load, rng),
     }

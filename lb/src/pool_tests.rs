@@ -18,6 +18,7 @@ pub(crate) fn port(balancing: Balancing, session_affinity: SessionAffinity) -> A
         passive_health: PassiveHealth::default(),
         timeouts: Timeouts::default(),
         zero_copy: false,
+        proxy_protocol: false,
         internal_traffic_policy: TrafficPolicy::Cluster,
         external_traffic_policy: TrafficPolicy::Cluster,
         load_balancer_source_ranges: Vec::new(),

@@ -50,6 +50,20 @@ pub struct NodeInfo {
     pub zone: Option<Arc<str>>,
 }
 
+/// The parts of this node's `Node` object that do not affect endpoint categorisation.
+///
+/// Changing it publishes a new snapshot without rebuilding any service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    /// kube-proxy's "node eligible" rule: not being deleted (`metadata.deletionTimestamp` unset)
+    /// and not tainted `ToBeDeletedByClusterAutoscaler`. Reported by `/healthz` on :10256.
+    pub eligible: bool,
+    /// `status.addresses` of type `InternalIP`, then `ExternalIP`, in order (the node's primary
+    /// addresses for `--nodeport-addresses primary`).
+    pub addresses: Vec<IpAddr>,
+}
+
 /// `(namespace, name)` of an EndpointSlice.
 type SliceId = (Arc<str>, Arc<str>);
 
@@ -58,6 +72,8 @@ type SliceId = (Arc<str>, Arc<str>);
 pub struct Index {
     node: Option<NodeInfo>,
     node_changed: bool,
+    node_status: Option<NodeStatus>,
+    status_changed: bool,
     proxy_name: Option<Arc<str>>,
     services: HashMap<ServiceKey, ServiceInput>,
     /// Slices by owning service, then by slice name (sorted: the dedup order is by slice name).
@@ -92,6 +108,8 @@ impl Index {
         Self {
             node: node.clone(),
             node_changed: false,
+            node_status: None,
+            status_changed: false,
             proxy_name: None,
             services: HashMap::new(),
             slices: HashMap::new(),
@@ -116,7 +134,16 @@ impl Index {
 
     /// Whether anything changed since the last [`build`](Self::build).
     pub fn is_dirty(&self) -> bool {
-        !self.dirty.is_empty() || self.node_changed
+        !self.dirty.is_empty() || self.node_changed || self.status_changed
+    }
+
+    /// Sets what the node's `Node` object says about eligibility and addresses. A change is
+    /// published by the next [`build`](Self::build) without re-categorising any service.
+    pub fn set_node_status(&mut self, status: Option<NodeStatus>) {
+        if status != self.node_status {
+            self.node_status = status;
+            self.status_changed = true;
+        }
     }
 
     /// Sets the node the snapshot is categorised for; a change re-categorises every Kubernetes
@@ -274,6 +301,10 @@ impl Index {
         let mut changed = std::mem::take(&mut self.node_changed);
         if changed {
             next.node = self.node.clone();
+        }
+        if std::mem::take(&mut self.status_changed) && next.node_status != self.node_status {
+            next.node_status = self.node_status.clone();
+            changed = true;
         }
         let mut conflicts_changed = false;
         let mut affected: BTreeSet<FrontendKey> = BTreeSet::new();
@@ -490,6 +521,7 @@ fn make_port(
         passive_health: PassiveHealth::default(),
         timeouts: Timeouts::default(),
         zero_copy: input.zero_copy,
+        proxy_protocol: input.proxy_protocol,
         internal_traffic_policy: itp,
         external_traffic_policy: etp,
         load_balancer_source_ranges,

@@ -50,7 +50,7 @@ use k8s_openapi::api::{
 
 use crate::{
     endpoint::EndpointHints,
-    index::NodeInfo,
+    index::{NodeInfo, NodeStatus},
     service::{self, Balancing, Protocol, SessionAffinity, TrafficPolicy},
 };
 
@@ -64,6 +64,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Service annotation choosing the [`Balancing`] of all its ports.
 pub const BALANCING_ANNOTATION: &str = "ferry.ethercluster.io/balancing";
+/// Annotation that makes Ferry send a PROXY protocol header to endpoints (`"v2"`).
+pub const PROXY_PROTOCOL_ANNOTATION: &str = "ferry.ethercluster.io/proxy-protocol";
 /// Annotation that turns on `splice(2)` for bulk TCP data (`"true"`).
 pub const ZERO_COPY_ANNOTATION: &str = "ferry.ethercluster.io/zero-copy";
 
@@ -98,6 +100,33 @@ impl NodeInfo {
             name: node.metadata.name.as_deref().unwrap_or_default().into(),
             zone: zone.map(|z| z.as_str().into()),
         }
+    }
+}
+
+/// The taint the cluster autoscaler puts on nodes it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+impl NodeStatus {
+    /// Eligibility and addresses of `node`, as kube-proxy's health server reads them.
+    pub fn from_node(node: &Node) -> Self {
+        let tainted = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+        let eligible = node.metadata.deletion_timestamp.is_none() && !tainted;
+        let listed = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+        let mut addresses = Vec::new();
+        for kind in ["InternalIP", "ExternalIP"] {
+            for a in listed.into_iter().flatten().filter(|a| a.type_ == kind) {
+                if let Ok(ip) = a.address.trim().parse::<IpAddr>()
+                    && !addresses.contains(&ip)
+                {
+                    addresses.push(ip);
+                }
+            }
+        }
+        Self { eligible, addresses }
     }
 }
 
@@ -161,6 +190,7 @@ pub(crate) struct ServiceInput {
     pub(crate) health_check_node_port: Option<u16>,
     pub(crate) balancing: Balancing,
     pub(crate) zero_copy: bool,
+    pub(crate) proxy_protocol: bool,
 }
 
 /// One `EndpointSlice` port that can be matched to a service port.
@@ -287,6 +317,7 @@ impl ServiceInput {
         let balancing = match svc.metadata.annotations.as_ref().and_then(|a| a.get(BALANCING_ANNOTATION)) {
             Some(b) if b == "RoundRobin" => Balancing::RoundRobin,
             Some(b) if b == "LeastConnections" => Balancing::LeastConnections,
+            Some(b) if b == "Maglev" => Balancing::Maglev,
             _ => Balancing::Random,
         };
         let zero_copy = svc
@@ -295,6 +326,12 @@ impl ServiceInput {
             .as_ref()
             .and_then(|a| a.get(ZERO_COPY_ANNOTATION))
             .is_some_and(|v| v == "true");
+        let proxy_protocol = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PROXY_PROTOCOL_ANNOTATION))
+            .is_some_and(|v| v.eq_ignore_ascii_case("v2"));
         Self {
             service_type,
             kind,
@@ -309,6 +346,7 @@ impl ServiceInput {
             health_check_node_port,
             balancing,
             zero_copy,
+            proxy_protocol,
         }
     }
 }

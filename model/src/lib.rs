@@ -23,7 +23,7 @@ pub mod snapshot;
 pub mod topology;
 
 pub use endpoint::{Endpoint, EndpointHints, Endpoints, TopologyMode};
-pub use index::{Index, NodeInfo};
+pub use index::{Index, NodeInfo, NodeStatus};
 pub use listener::{Backend, Listener, ListenerSpec};
 pub use service::{
     Balancing, Frontend, FrontendKey, HealthCheck, HealthCheckKind, Origin, PassiveHealth, Protocol, Service,

@@ -481,6 +481,7 @@ impl ValidListener {
             passive_health: self.passive_health,
             timeouts: self.timeouts,
             zero_copy: self.zero_copy,
+            proxy_protocol: false,
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_traffic_policy: TrafficPolicy::Cluster,
             load_balancer_source_ranges: Vec::new(),

@@ -105,6 +105,9 @@ pub enum Balancing {
     RoundRobin,
     /// Power of two choices over active connection counts.
     LeastConnections,
+    /// Maglev consistent hashing of the client IP: the same client keeps its endpoint, and an
+    /// endpoint change moves only about 1/N of the clients (Kubernetes Services only, by annotation).
+    Maglev,
 }
 
 /// `sessionAffinity`.
@@ -287,6 +290,9 @@ pub struct ServicePort {
     /// Move bulk TCP data with `splice(2)` once a direction carries more than small messages.
     /// Off by default: on loopback and veth paths copying measured faster (`benches/README.md`).
     pub zero_copy: bool,
+    /// Send a PROXY protocol v2 header to the endpoint before the client's bytes (annotation
+    /// `ferry.ethercluster.io/proxy-protocol: v2`), so it learns the client's address.
+    pub proxy_protocol: bool,
     /// `spec.internalTrafficPolicy`.
     pub internal_traffic_policy: TrafficPolicy,
     /// `spec.externalTrafficPolicy`.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::{
-    index::NodeInfo,
+    index::{NodeInfo, NodeStatus},
     service::{FrontendKey, Service, ServiceKey, ServicePort},
 };
 
@@ -22,6 +22,9 @@ pub struct Snapshot {
     pub version: u64,
     /// The node this snapshot was categorised for (`None` in standalone mode).
     pub node: Option<NodeInfo>,
+    /// What the node's own `Node` object says beyond categorisation: eligibility for load
+    /// balancer traffic and its addresses (`None` in standalone mode or when no Node is known).
+    pub node_status: Option<NodeStatus>,
     /// Every service, by key. Serialized as a map keyed by `namespace/name`.
     #[serde(serialize_with = "ser::services")]
     pub services: imbl::OrdMap<ServiceKey, Arc<Service>>,

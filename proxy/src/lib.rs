@@ -10,7 +10,10 @@
 //! - `sys`: the only unsafe code (`splice(2)`).
 
 pub mod error;
+pub mod health;
+pub mod host;
 pub mod manager;
+pub mod node;
 mod state;
 #[cfg(target_os = "linux")]
 mod sys;
