@@ -7,6 +7,7 @@
 
 mod admin;
 mod check;
+mod daemon;
 mod cli;
 mod lb;
 mod telemetry;
