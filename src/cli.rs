@@ -33,6 +33,8 @@ pub(crate) enum LogFormat {
 pub(crate) enum Command {
     /// Run the standalone TCP/UDP load balancer from a directory of manifests.
     Lb(LbArgs),
+    /// Run the node service proxy (a kube-proxy replacement) for this node.
+    Node(NodeArgs),
     /// Validate a directory of manifests and print what would be served; exits non-zero on any error.
     Check(CheckArgs),
 }
@@ -43,6 +45,49 @@ pub(crate) struct LbArgs {
     /// Directory of YAML manifests (Listener, Service, EndpointSlice); watched for changes.
     #[arg(long, env = "FERRY_CONFIG")]
     pub(crate) config: PathBuf,
+
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+}
+
+/// `ferry node`.
+#[derive(Debug, Args)]
+pub(crate) struct NodeArgs {
+    /// Directory of YAML manifests (Service, EndpointSlice, Node); watched for changes.
+    #[arg(long, env = "FERRY_CONFIG", required_unless_present = "cleanup")]
+    pub(crate) config: Option<PathBuf>,
+
+    /// This node's name (matches EndpointSlice `nodeName` and the Node object).
+    #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+    pub(crate) node_name: Option<String>,
+
+    /// Node addresses NodePorts listen on: `primary` (the Node's InternalIP/ExternalIP addresses)
+    /// or comma-separated CIDRs matched against the node's interface addresses (kube-proxy's
+    /// `--nodeport-addresses`).
+    #[arg(long, default_value = "primary", value_delimiter = ',')]
+    pub(crate) nodeport_addresses: Vec<String>,
+
+    /// Pod CIDRs (comma-separated): traffic from them counts as in-cluster, so external-policy
+    /// `Local` frontends short-circuit it to every endpoint, as kube-proxy's `--cluster-cidr`.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) cluster_cidr: Vec<ipnet::IpNet>,
+
+    /// The local device that holds ClusterIP, externalIP and LoadBalancer addresses (created as
+    /// `dummy`, or `bridge` where the kernel has no dummy; an existing device is adopted).
+    #[arg(long, default_value = "ferry0")]
+    pub(crate) vip_device: String,
+
+    /// kube-proxy-compatible node health server (`/healthz`, `/livez`).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub(crate) healthz_bind_address: SocketAddr,
+
+    /// Second admin listener for Prometheus, at kube-proxy's metrics address.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub(crate) metrics_bind_address: SocketAddr,
+
+    /// Remove everything Ferry added to the node (the VIP device) and exit.
+    #[arg(long)]
+    pub(crate) cleanup: bool,
 
     #[command(flatten)]
     pub(crate) run: RunArgs,

@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ferry_watch::{FileSource, FileSourceOptions, ReloadHandle, SourceError, Snapshots};
+use ferry_watch::{FileSource, FileSourceOptions, ReloadHandle, Snapshots, SourceError};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::{net::TcpListener, signal::unix::SignalKind, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -75,8 +75,12 @@ impl Daemon {
         );
 
         let serving = Arc::new(AtomicBool::new(false));
-        let admin_state =
-            AdminState { snapshots: snapshots.clone(), serving: serving.clone(), metrics, shutdown: shutdown.clone() };
+        let admin_state = AdminState {
+            snapshots: snapshots.clone(),
+            serving: serving.clone(),
+            metrics,
+            shutdown: shutdown.clone(),
+        };
         let admin_stop = CancellationToken::new();
         let mut admin_tasks = Vec::new();
         for (i, address) in std::iter::once(&run.admin_address).chain(extra_admin).enumerate() {
@@ -112,7 +116,16 @@ impl Daemon {
                 return Ok(None);
             }
         }
-        Ok(Some(Self { snapshots, shutdown, config, serving, admin_stop, admin_tasks, source_stop, source_task }))
+        Ok(Some(Self {
+            snapshots,
+            shutdown,
+            config,
+            serving,
+            admin_stop,
+            admin_tasks,
+            source_stop,
+            source_task,
+        }))
     }
 
     /// Marks the data plane as serving: `/readyz` turns 200.

@@ -7,9 +7,10 @@
 
 mod admin;
 mod check;
-mod daemon;
 mod cli;
+mod daemon;
 mod lb;
+mod node;
 mod telemetry;
 
 use std::process::ExitCode;
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => return check::run(&args),
         Command::Lb(args) => lb::run(args),
+        Command::Node(args) => node::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 //! Logging (`tracing`) and metrics (Prometheus recorder) setup.
 
 use anyhow::Context as _;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::cli::LogFormat;
@@ -27,11 +27,16 @@ const DURATION_BUCKETS: &[f64] =
 
 /// Installs the global Prometheus recorder and returns the handle the admin server renders.
 pub(crate) fn init_metrics() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets(DURATION_BUCKETS)
-        .context("configuring histogram buckets")?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+    let mut builder =
+        PrometheusBuilder::new().set_buckets(DURATION_BUCKETS).context("configuring histogram buckets")?;
+    // kube-proxy's histograms keep kube-proxy's buckets, so existing dashboards and SLOs still apply.
+    for (name, buckets) in ferry_proxy::health::metrics::histogram_buckets() {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.to_owned()), &buckets)
+            .with_context(|| format!("configuring the buckets of {name}"))?;
+    }
+    let handle = builder.install_recorder().context("installing the metrics recorder")?;
+    ferry_proxy::health::metrics::describe();
     metrics::describe_counter!(
         "ferry_listener_connections_total",
         "Connections (TCP) or flows (UDP) accepted"

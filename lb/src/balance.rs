@@ -47,7 +47,9 @@ impl RandomSource for ThreadRandom {
 /// Chooses an index of `items` with `balancing`.
 ///
 /// `cursor` is the round-robin position (only used by [`Balancing::RoundRobin`]); `load` is the
-/// active connection count (only used by [`Balancing::LeastConnections`]).
+/// active connection count (only used by [`Balancing::LeastConnections`]). [`Balancing::Maglev`]
+/// needs the client address and a table ([`crate::maglev::Table::pick`]); here it falls back to
+/// [`random`].
 pub fn select<T>(
     balancing: Balancing,
     items: &[T],
@@ -57,7 +59,8 @@ pub fn select<T>(
     rng: &mut impl RandomSource,
 ) -> Option<usize> {
     match balancing {
-        // Maglev needs the client; `Pool::pick` handles it before calling here (fallback: random).
+        // Maglev hashes the client, which this function does not see: `Pool` picks from its
+        // `maglev::Table` instead of calling here. Other callers get uniform random.
         Balancing::Random | Balancing::Maglev => random(items, eligible, rng),
         Balancing::RoundRobin => round_robin(items, cursor, eligible),
         Balancing::LeastConnections => least_connections(items, eligible, load, rng),

@@ -9,6 +9,7 @@
 //! Modules:
 //! - [`balance`]: the selection algorithms, pure functions over a slice.
 //! - [`affinity`]: the ClientIP session-affinity table.
+//! - [`maglev`]: Maglev consistent hashing (the `Maglev` balancing's lookup table).
 //! - [`endpoint`]: [`EndpointState`], including passive health (ejection after connect failures).
 //! - [`health`]: active health checking ([`Checks`]), tokio tasks writing into endpoint states.
 //! - [`pool`]: [`Pool`] and [`Lease`].
@@ -21,6 +22,7 @@ pub mod affinity;
 pub mod balance;
 pub mod endpoint;
 pub mod health;
+pub mod maglev;
 pub mod pool;
 
 pub use affinity::AffinityTable;

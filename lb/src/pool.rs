@@ -8,14 +8,19 @@
 //! Selection ([`Pool::pick`]):
 //! 1. With ClientIP affinity, a live table entry whose endpoint is still in the pool, available
 //!    and not in `tried` wins (and is refreshed).
-//! 2. Otherwise the port's [`Balancing`](ferry_model::Balancing) chooses among the available
-//!    endpoints not in `tried` (see [`crate::balance`]), and the choice is recorded in the
-//!    affinity table.
+//! 2. Otherwise the port's [`Balancing`] chooses among the available
+//!    endpoints not in `tried` (see [`crate::balance`]; for `Maglev`, [`crate::maglev`]: the
+//!    client's slot of the pool's table, then the table's deterministic fallback), and the choice
+//!    is recorded in the affinity table.
 //! 3. **Panic mode** (Envoy's panic threshold, at 0 %): when *no* endpoint of the pool is
 //!    available (all unhealthy or ejected), health information is presumed wrong and steps 1-2
 //!    run over every endpoint not in `tried`. Refusing every connection would turn a broken
 //!    health check into an outage; with panic routing, endpoints that do work still get traffic.
 //!    When at least one endpoint is available but all of those were tried, `pick` returns `None`.
+//!
+//! The Maglev table is built in [`Pool::new`] when the balancing is `Maglev`, and shared with
+//! the previous pool when that had a table over the same endpoint list (same addresses, same
+//! order), so configuration changes that keep the endpoints cost no rebuild.
 
 use std::{
     collections::HashMap,
@@ -27,12 +32,13 @@ use std::{
     time::Instant,
 };
 
-use ferry_model::{Endpoint, ServicePort, SessionAffinity};
+use ferry_model::{Balancing, Endpoint, ServicePort, SessionAffinity};
 
 pub use crate::endpoint::{EndpointHealth, EndpointState};
 use crate::{
     affinity::AffinityTable,
     balance::{self, ThreadRandom},
+    maglev,
 };
 
 /// The endpoints a frontend balances over, with balancer state.
@@ -44,6 +50,8 @@ pub struct Pool {
     index: HashMap<SocketAddr, usize>,
     cursor: AtomicUsize,
     affinity: Option<Arc<AffinityTable>>,
+    /// The Maglev table over `endpoints`, when the balancing is `Maglev`.
+    maglev: Option<Arc<maglev::Table>>,
     panics: metrics::Counter,
 }
 
@@ -81,8 +89,17 @@ impl Pool {
         // Start somewhere random so that many pools do not all send their first connection to
         // their first endpoint after a restart.
         let cursor = previous.map_or_else(|| fastrand::usize(..), |p| p.cursor.load(Ordering::Relaxed));
+        let maglev = (port.balancing == Balancing::Maglev).then(|| {
+            previous
+                .filter(|p| p.endpoints.iter().map(|e| e.addr).eq(endpoints.iter().map(|e| e.addr)))
+                .and_then(|p| p.maglev.clone())
+                .unwrap_or_else(|| {
+                    let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
+                    Arc::new(maglev::Table::build_with(&addrs, maglev::POOL_MIN_TABLE_SIZE))
+                })
+        });
         let panics = metrics::counter!("ferry_pool_panic_picks_total", "listener" => port.display_name());
-        Self { port, endpoints, index, cursor: AtomicUsize::new(cursor), affinity, panics }
+        Self { port, endpoints, index, cursor: AtomicUsize::new(cursor), affinity, maglev, panics }
     }
 
     /// The port this pool serves.
@@ -103,6 +120,11 @@ impl Pool {
     /// The ClientIP affinity table, when the port has ClientIP affinity.
     pub fn affinity(&self) -> Option<&Arc<AffinityTable>> {
         self.affinity.as_ref()
+    }
+
+    /// The Maglev table (slots index [`Self::endpoints`]), when the balancing is `Maglev`.
+    pub fn maglev(&self) -> Option<&maglev::Table> {
+        self.maglev.as_deref()
     }
 
     /// Whether any endpoint is available at `now` (if not, picks run in panic mode).
@@ -150,14 +172,17 @@ impl Pool {
                 return hit;
             }
         }
-        let i = balance::select(
-            self.port.balancing,
-            &self.endpoints,
-            &self.cursor,
-            &eligible,
-            |e| e.active_connections(),
-            &mut ThreadRandom,
-        )?;
+        let i = match &self.maglev {
+            Some(table) => table.pick(client, |i| eligible(&self.endpoints[i]))?,
+            None => balance::select(
+                self.port.balancing,
+                &self.endpoints,
+                &self.cursor,
+                &eligible,
+                |e| e.active_connections(),
+                &mut ThreadRandom,
+            )?,
+        };
         if let Some(table) = &self.affinity {
             table.record(client, self.endpoints[i].addr, now);
         }

@@ -60,7 +60,7 @@ fn lease_counts_active_connections() {
 
 #[test]
 fn tried_endpoints_are_skipped() {
-    for b in [Balancing::Random, Balancing::RoundRobin, Balancing::LeastConnections] {
+    for b in [Balancing::Random, Balancing::RoundRobin, Balancing::LeastConnections, Balancing::Maglev] {
         let pool = Pool::new(port(b, SessionAffinity::None), &eps([1, 2, 3]), None);
         let mut tried = Vec::new();
         for _ in 0..3 {
@@ -247,4 +247,120 @@ fn affinity_in_panic_mode_sticks() {
     for _ in 0..10 {
         assert_eq!(pool.pick_at(client(1), &[], t0).expect("panic pick").addr(), first);
     }
+}
+
+fn maglev_pool(endpoints: &[Endpoint], previous: Option<&Pool>) -> Pool {
+    Pool::new(port(Balancing::Maglev, SessionAffinity::None), endpoints, previous)
+}
+
+fn picked(pool: &Pool, c: u32, tried: &[SocketAddr], now: Instant) -> SocketAddr {
+    pool.pick_at(client(c), tried, now).expect("pick").addr()
+}
+
+#[test]
+fn maglev_same_client_same_endpoint_across_pools() {
+    let t0 = Instant::now();
+    let p1 = maglev_pool(&eps(1..=20), None);
+    // Another node: same endpoints in another order, fresh state.
+    let p2 = maglev_pool(&eps((1..=20).rev()), None);
+    // A rebuild for an unrelated change shares the table.
+    let p3 = maglev_pool(&eps(1..=20), Some(&p1));
+    assert!(std::ptr::eq(p1.maglev().expect("table"), p3.maglev().expect("table")));
+    assert!(!std::ptr::eq(p1.maglev().expect("table"), p2.maglev().expect("table")));
+    assert_eq!(p1.maglev().expect("table").size(), maglev::POOL_MIN_TABLE_SIZE);
+    let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
+    for c in 0..2_000 {
+        let a = picked(&p1, c, &[], t0);
+        assert_eq!(picked(&p1, c, &[], t0), a, "client {c}: stable");
+        assert_eq!(picked(&p2, c, &[], t0), a, "client {c}: same on another pool");
+        assert_eq!(picked(&p3, c, &[], t0), a, "client {c}: same after a rebuild");
+        *counts.entry(a).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 20);
+    assert!(counts.values().all(|&k| (60..140).contains(&k)), "{counts:?}");
+}
+
+#[test]
+fn maglev_removing_an_endpoint_keeps_other_clients() {
+    let t0 = Instant::now();
+    let p1 = maglev_pool(&eps(1..=10), None);
+    let p2 = maglev_pool(&eps(2..=10), Some(&p1));
+    assert!(!std::ptr::eq(p1.maglev().expect("table"), p2.maglev().expect("table")), "rebuilt");
+    let (mut kept, mut others) = (0, 0);
+    for c in 0..5_000 {
+        let before = picked(&p1, c, &[], t0);
+        let after = picked(&p2, c, &[], t0);
+        assert_ne!(after, addr(1));
+        if before != addr(1) {
+            others += 1;
+            kept += usize::from(before == after);
+        }
+    }
+    assert!(kept * 100 >= others * 98, "{kept} of {others} clients kept their endpoint");
+}
+
+#[test]
+fn maglev_ejected_endpoint_falls_back_deterministically_and_returns() {
+    let t0 = Instant::now();
+    let endpoints = eps(1..=10);
+    let (p1, p2) = (maglev_pool(&endpoints, None), maglev_pool(&endpoints, None));
+    let own = picked(&p1, 7, &[], t0);
+    for pool in [&p1, &p2] {
+        let e = pool.get(own).expect("in pool");
+        let ejected: Vec<bool> = (0..3).map(|_| e.report_connect_failure_at(t0)).collect();
+        assert_eq!(ejected, [false, false, true]);
+    }
+    let fallback = picked(&p1, 7, &[], t0);
+    assert_ne!(fallback, own);
+    for _ in 0..10 {
+        assert_eq!(picked(&p1, 7, &[], t0), fallback);
+        assert_eq!(picked(&p2, 7, &[], t0), fallback, "every node falls back alike");
+    }
+    // A connect retry after the fallback failed: the next deterministic choice.
+    let retry = picked(&p1, 7, &[fallback], t0);
+    assert!(retry != own && retry != fallback);
+    assert_eq!(picked(&p2, 7, &[fallback], t0), retry);
+    // Ejection over: back to its own endpoint.
+    let later = t0 + PassiveHealth::default().ejection;
+    assert_eq!(picked(&p1, 7, &[], later), own);
+    assert_eq!(picked(&p2, 7, &[], later), own);
+}
+
+#[test]
+fn maglev_panic_mode_keeps_the_clients_endpoint() {
+    let t0 = Instant::now();
+    let pool = maglev_pool(&eps(1..=10), None);
+    let own: Vec<SocketAddr> = (0..20).map(|c| picked(&pool, c, &[], t0)).collect();
+    for e in pool.endpoints() {
+        e.set_healthy(false);
+    }
+    for (c, &a) in (0..20).zip(&own) {
+        assert_eq!(picked(&pool, c, &[], t0), a, "panic mode hashes over all endpoints");
+    }
+}
+
+#[test]
+fn maglev_affinity_takes_precedence() {
+    let t0 = Instant::now();
+    let pool = Pool::new(port(Balancing::Maglev, AFFINITY), &eps(1..=10), None);
+    let own = picked(&pool, 3, &[], t0);
+    // Its endpoint refused the connection: the retry's endpoint becomes sticky.
+    let retry = picked(&pool, 3, &[own], t0);
+    assert_ne!(retry, own);
+    for k in 1..5 {
+        assert_eq!(picked(&pool, 3, &[], t0 + Duration::from_secs(k)), retry);
+    }
+    // Expired: Maglev's choice again.
+    assert_eq!(picked(&pool, 3, &[], t0 + Duration::from_secs(4 + 60)), own);
+}
+
+#[test]
+fn maglev_table_only_for_maglev_and_empty_pools() {
+    assert!(Pool::new(port(Balancing::Random, SessionAffinity::None), &eps(1..=3), None).maglev().is_none());
+    let empty = maglev_pool(&[], None);
+    assert!(empty.maglev().expect("table").is_empty());
+    assert!(empty.pick(client(1), &[]).is_none());
+    let one = maglev_pool(&eps([9]), None);
+    assert_eq!(one.pick(client(1), &[]).expect("pick").addr(), addr(9));
+    assert!(one.pick(client(1), &[addr(9)]).is_none());
 }

@@ -1,2 +1,148 @@
-//! Node programming: the addresses of Service frontends on a local device (rtnetlink) and the
-//! sysctls that keep the node from answering ARP for them elsewhere. Not built yet.
+//! Node programming for `ferry node`: the addresses of Service frontends on a dedicated local
+//! device, and the sysctls that keep the node from answering ARP for them on other interfaces.
+//!
+//! Interception works by making every ClusterIP, externalIP and VIP-mode LoadBalancer IP a local
+//! address: [`VipDevice`] holds each as a /32 or /128 on one device (`dummy`, or a port-less
+//! `bridge` on kernels without `dummy`), and the listener manager binds one socket per frontend.
+//!
+//! - [`frontend_addresses`] turns a [`Snapshot`] into the set of addresses the device must hold
+//!   (pure; the node reconciler calls it per snapshot).
+//! - [`VipDevice::ensure`] adopts or creates the device and applies [`configure_arp`];
+//!   [`VipDevice::sync`] makes the device's addresses equal to a wanted set, touching only the
+//!   difference; [`VipDevice::cleanup`] removes the device (`ferry node --cleanup`).
+//!
+//! Invariants:
+//! - The device is Ferry's alone: every global address on it is either wanted or removed by the
+//!   next `sync`. IPv6 link-local addresses the kernel generates are left alone. `ensure` and
+//!   `cleanup` refuse a link that is not a `dummy` or a port-less `bridge`, so a mistyped
+//!   device name cannot strip a real interface.
+//! - Every operation is idempotent, so retrying after any [`HostError`] is safe;
+//!   [`HostError::is_transient`] says whether a retry can be expected to help.
+//! - A restart adopts the existing device and its addresses: no address disappears between the old
+//!   process exiting and the new one's first `sync`.
+//!
+//! ARP and NDP: with the weak host model Linux answers ARP on any interface for any local
+//! address, so [`configure_arp`] sets `net.ipv4.conf.all.arp_ignore=1` (answer only for addresses
+//! on the receiving interface) and `arp_announce=2` (never use a VIP as the source of ARP
+//! requests), as kube-proxy's IPVS mode does. IPv6 needs nothing: the kernel's neighbour
+//! discovery answers a solicitation only for an address configured on the receiving interface
+//! (`ndisc_recv_ns` looks the target up with the receiving device), which the tests check.
+
+mod device;
+mod sysctl;
+
+use std::{collections::BTreeSet, io, net::IpAddr};
+
+use ferry_model::{Frontend, FrontendKey, Snapshot};
+
+pub use self::{
+    device::{DeviceKind, SyncStats, VipDevice, local_addresses},
+    sysctl::{SysctlChange, configure_arp},
+};
+
+/// Every ClusterIP, externalIP and LoadBalancer address that `snapshot` serves: what the
+/// [`VipDevice`] must hold. Listener frontends (bound on addresses the operator owns) and
+/// NodePorts (served on node addresses) are not included.
+///
+/// Only frontends that won their key count: an address whose only frontend lost to a Listener
+/// at the same socket address is not added.
+pub fn frontend_addresses(snapshot: &Snapshot) -> BTreeSet<IpAddr> {
+    let mut out = BTreeSet::new();
+    for (key, port) in &snapshot.frontends {
+        let FrontendKey::Addr(_, addr) = *key else { continue };
+        let vip = port.frontends.iter().any(|f| {
+            matches!(*f, Frontend::ClusterIp(a) | Frontend::ExternalIp(a) | Frontend::LoadBalancer(a) if a == addr)
+        });
+        if vip {
+            out.insert(addr.ip());
+        }
+    }
+    out
+}
+
+/// A failure to program the node. Every operation is idempotent: retrying is always safe.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// The device name is not a valid Linux interface name. Retrying cannot help.
+    #[error("invalid device name {name:?}: {reason}")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Opening the rtnetlink socket failed.
+    #[error("netlink connection failed: {0}")]
+    Connect(#[source] io::Error),
+    /// A link of that name exists but is not one Ferry may own.
+    #[error("link {name} is a {kind} device, not a dummy or a port-less bridge; refusing to manage it")]
+    ForeignLink {
+        /// The device name.
+        name: String,
+        /// What it is (`kind` from `IFLA_LINKINFO`, or a description).
+        kind: String,
+    },
+    /// The device disappeared (someone deleted it); call [`VipDevice::ensure`] again.
+    #[error("link {name} vanished")]
+    LinkGone {
+        /// The device name.
+        name: String,
+    },
+    /// A netlink request failed.
+    #[error("{op} on {name}: {source}")]
+    Netlink {
+        /// What was attempted (`link lookup`, `link create (dummy)`, `address add of 10.96.0.1/32`...).
+        op: String,
+        /// The device name.
+        name: String,
+        /// The kernel's answer.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Reading or writing a sysctl under `/proc/sys` failed.
+    #[error("sysctl {path}: {source}")]
+    Sysctl {
+        /// The file.
+        path: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+// === impl HostError ===
+
+impl HostError {
+    /// The kernel's errno, when the kernel refused a request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Netlink { source, .. } => netlink_errno(source),
+            Self::Connect(e) | Self::Sysctl { source: e, .. } => e.raw_os_error(),
+            Self::InvalidName { .. } | Self::ForeignLink { .. } | Self::LinkGone { .. } => None,
+        }
+    }
+
+    /// Whether retrying may succeed: false for configuration errors (bad name, foreign link,
+    /// missing privileges, unsupported by the kernel), true otherwise.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::InvalidName { .. } | Self::ForeignLink { .. } => false,
+            _ => !matches!(
+                self.errno(),
+                Some(libc::EPERM | libc::EACCES | libc::EOPNOTSUPP | libc::EINVAL | libc::EROFS)
+            ),
+        }
+    }
+}
+
+/// The positive errno of a netlink error reply.
+fn netlink_errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| c.get().abs()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -28,8 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::{
     error::{Error, Side},
-    manager::{Binding, FrontendFilter, ListenerFrontends, Manager},
-    state::{ListenerState, Upstreams},
+    manager::{Binding, FrontendFilter, InternalRoute, ListenerFrontends, Manager},
+    node::{NodeConfig, NodeFrontends},
+    state::{Hold, ListenerState, Route, Routes, Upstreams},
 };
 
 /// Data-plane settings.

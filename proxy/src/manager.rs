@@ -6,8 +6,18 @@
 //! - new ones are bound (a failure is logged, counted and retried later; others are unaffected);
 //! - removed ones stop accepting at once; their connections keep running until they end or the
 //!   drain timeout passes;
-//! - unchanged ones are untouched (never re-bound). When the port's `Arc<ServicePort>` or the
-//!   endpoint set changed, a new [`Pool`] (carrying over endpoint state) is swapped in.
+//! - unchanged ones are untouched (never re-bound). When the port's `Arc<ServicePort>`, an
+//!   endpoint set or the routing rules changed, new [`Pool`]s (carrying over endpoint state) are
+//!   swapped in.
+//!
+//! Listeners of one port share one ClientIP affinity table (kube-proxy's scope: one ServicePort,
+//! any of its frontends): a new listener builds its pools with `previous` = a current pool of a
+//! sibling listener of the same `Arc<ServicePort>`; an updated one from its own previous pools
+//! (keeping its round-robin position), or from a sibling's new pool when the affinity
+//! configuration changed (which starts a new table). A listener's internal pool starts from its
+//! main pool. Endpoint states (connection counts, passive health) are shared where a pool was
+//! derived from another that had the endpoint; otherwise an endpoint may have one state per
+//! listener (harmless: only least-connections and passive ejection read them).
 //!
 //! Active health checks ([`Checks`]) follow the running listeners' pools: probes start for new
 //! endpoints, stop for removed ones, and restart when a port's check configuration changes.
@@ -19,6 +29,7 @@ use std::{collections::HashMap, fmt, io, net::SocketAddr, sync::Arc, time::Durat
 
 use ferry_lb::{Checks, Pool};
 use ferry_model::{Endpoint, Frontend, FrontendKey, Protocol, ServicePort, Snapshot};
+use ipnet::IpNet;
 use socket2::{Domain, Socket, Type};
 use tokio::{
     net::{TcpListener, UdpSocket},
@@ -26,7 +37,12 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{ProxyConfig, error::Error, state::ListenerState, tcp, udp};
+use crate::{
+    ProxyConfig,
+    error::Error,
+    state::{Hold, ListenerState, Routes, Upstreams},
+    tcp, udp,
+};
 
 /// Backlog of TCP frontend sockets.
 const BACKLOG: i32 = 1024;
@@ -35,13 +51,86 @@ const BIND_RETRY: Duration = Duration::from_secs(2);
 /// How long force-closed connections get to finish their cleanup at shutdown.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
 
-/// One socket to bind for a frontend, and the endpoints it balances over.
+/// Sources and the endpoint set they use instead of [`Binding::endpoints`].
+pub type InternalRoute = (Arc<[IpNet]>, Arc<[Endpoint]>);
+
+/// One socket to bind for a frontend, and how its clients are routed to endpoints.
+///
+/// [`Binding::new`] gives `ferry lb`'s behaviour: one endpoint set for every client, a client
+/// refused (reset) when it is empty, a strict bind. Node frontends add an internal route, a
+/// source filter, "drop" instead of refusing, and `IP_FREEBIND`.
 #[derive(Clone, Debug)]
 pub struct Binding {
     /// Local address to bind.
     pub addr: SocketAddr,
     /// The endpoint set (one of the port's categorised sets).
     pub endpoints: Arc<[Endpoint]>,
+    /// Clients from these sources balance over the second set instead (the
+    /// `externalTrafficPolicy: Local` short-circuit for pods and the node itself).
+    pub internal: Option<InternalRoute>,
+    /// When set, clients outside these ranges are dropped (`loadBalancerSourceRanges`).
+    pub allowed_sources: Option<Arc<[IpNet]>>,
+    /// An empty chosen set drops the client (TCP: held, see [`Hold`]) instead of refusing it.
+    pub drop_when_empty: bool,
+    /// Bounds on held TCP connections.
+    pub hold: Hold,
+    /// Bind with `IP_FREEBIND`, so the address need not be on a local device yet.
+    pub freebind: bool,
+    /// Connect to `endpoints` (not the internal set) from the client's address with
+    /// `IP_TRANSPARENT` (needs `CAP_NET_ADMIN` and policy routing, see [`crate::node`]).
+    pub transparent: bool,
+}
+
+impl Binding {
+    /// A strict bind on `addr` serving every client from `endpoints`, refusing when empty.
+    pub fn new(addr: SocketAddr, endpoints: Arc<[Endpoint]>) -> Self {
+        Self {
+            addr,
+            endpoints,
+            internal: None,
+            allowed_sources: None,
+            drop_when_empty: false,
+            hold: Hold::default(),
+            freebind: false,
+            transparent: false,
+        }
+    }
+
+    /// Whether `other` routes the same way (same endpoint sets by identity, same rules).
+    fn same_routes(&self, other: &Self) -> bool {
+        let same_internal = match (&self.internal, &other.internal) {
+            (None, None) => true,
+            (Some((s1, e1)), Some((s2, e2))) => s1 == s2 && Arc::ptr_eq(e1, e2),
+            _ => false,
+        };
+        Arc::ptr_eq(&self.endpoints, &other.endpoints)
+            && same_internal
+            && self.allowed_sources == other.allowed_sources
+            && self.drop_when_empty == other.drop_when_empty
+            && self.transparent == other.transparent
+    }
+
+    /// Pools for `port` over this binding's sets. The main pool carries state (endpoint states,
+    /// round-robin position, affinity table) over from `previous`; the internal pool from
+    /// `previous_internal`, else from the new main pool.
+    fn routes(
+        &self,
+        port: &Arc<ServicePort>,
+        previous: Option<&Pool>,
+        previous_internal: Option<&Pool>,
+    ) -> Routes {
+        let pool = Pool::new(port.clone(), &self.endpoints, previous);
+        let internal = self.internal.as_ref().map(|(sources, endpoints)| {
+            (sources.clone(), Pool::new(port.clone(), endpoints, Some(previous_internal.unwrap_or(&pool))))
+        });
+        Routes {
+            pool,
+            internal,
+            allowed_sources: self.allowed_sources.clone(),
+            drop_when_empty: self.drop_when_empty,
+            transparent: self.transparent,
+        }
+    }
 }
 
 /// Decides which frontends this process serves, on which sockets, over which endpoints.
@@ -62,7 +151,7 @@ impl FrontendFilter for ListenerFrontends {
     fn bindings(&self, key: &FrontendKey, port: &ServicePort, out: &mut Vec<Binding>) {
         let FrontendKey::Addr(_, addr) = *key else { return };
         if port.frontends.contains(&Frontend::Listener(addr)) {
-            out.push(Binding { addr, endpoints: port.endpoints.cluster.clone() });
+            out.push(Binding::new(addr, port.endpoints.cluster.clone()));
         }
     }
 }
@@ -73,7 +162,7 @@ type ListenerKey = (FrontendKey, SocketAddr);
 #[derive(Debug)]
 struct Running {
     port: Arc<ServicePort>,
-    endpoints: Arc<[Endpoint]>,
+    binding: Binding,
     state: Arc<ListenerState>,
     stop: CancellationToken,
     local: SocketAddr,
@@ -135,7 +224,7 @@ impl Manager {
     /// listeners are retried on the next call); every other listener is served regardless.
     /// Must be called inside a tokio runtime.
     pub fn apply(&mut self, snapshot: &Snapshot) -> Vec<Error> {
-        let mut want: HashMap<ListenerKey, (Arc<ServicePort>, Arc<[Endpoint]>)> = HashMap::new();
+        let mut want: HashMap<ListenerKey, (Arc<ServicePort>, Binding)> = HashMap::new();
         let mut out = Vec::new();
         for (key, port) in snapshot.frontends.iter() {
             let (FrontendKey::Addr(protocol, _) | FrontendKey::NodePort(protocol, _)) = *key;
@@ -145,7 +234,7 @@ impl Manager {
             out.clear();
             self.config.filter.bindings(key, port, &mut out);
             for b in out.drain(..) {
-                want.insert((*key, b.addr), (port.clone(), b.endpoints));
+                want.insert((*key, b.addr), (port.clone(), b));
             }
         }
 
@@ -159,22 +248,39 @@ impl Manager {
         }
         self.retired.retain(|s| !s.tasks.is_empty());
 
-        let mut errors = Vec::new();
-        for (key, (port, endpoints)) in want {
-            if let Some(r) = self.listeners.get_mut(&key) {
-                if !Arc::ptr_eq(&r.port, &port) || !Arc::ptr_eq(&r.endpoints, &endpoints) {
-                    let old = r.state.upstreams();
-                    let pool = Pool::new(port.clone(), &endpoints, Some(old.pool()));
-                    r.state.set_pool(pool, &endpoints);
-                    tracing::debug!(listener = %r.state.name(), endpoints = endpoints.len(), "pool updated");
-                    r.port = port;
-                    r.endpoints = endpoints;
-                }
+        // Running listeners first, so that new listeners of the same port find a current pool
+        // to share state with. Keyed by the port's `Arc` address (alive for this whole call).
+        let mut shared: HashMap<usize, Arc<Upstreams>> = HashMap::new();
+        let mut new = Vec::new();
+        for (key, (port, binding)) in want {
+            let Some(r) = self.listeners.get_mut(&key) else {
+                new.push((key, port, binding));
                 continue;
+            };
+            let ptr = Arc::as_ptr(&port) as usize;
+            if !Arc::ptr_eq(&r.port, &port) || !r.binding.same_routes(&binding) {
+                let old = r.state.upstreams();
+                // A changed affinity configuration starts a new table: take the sibling's.
+                let sibling = shared.get(&ptr).filter(|_| r.port.session_affinity != port.session_affinity);
+                let routes = match sibling {
+                    Some(s) => binding.routes(&port, Some(s.pool()), s.internal_pool()),
+                    None => binding.routes(&port, Some(old.pool()), old.internal_pool()),
+                };
+                r.state.set_routes(routes);
+                tracing::debug!(listener = %r.state.name(), endpoints = binding.endpoints.len(), "pool updated");
+                r.port = port;
+                r.binding = binding;
             }
-            match self.start(key, port, endpoints) {
+            shared.entry(ptr).or_insert_with(|| r.state.upstreams());
+        }
+        let mut errors = Vec::new();
+        for (key, port, binding) in new {
+            let ptr = Arc::as_ptr(&port) as usize;
+            let sibling = shared.get(&ptr).cloned();
+            match self.start(key, port, binding, sibling.as_deref()) {
                 Ok(r) => {
                     tracing::info!(listener = %r.state.name(), local = %r.local, "listening");
+                    shared.entry(ptr).or_insert_with(|| r.state.upstreams());
                     self.listeners.insert(key, r);
                 }
                 Err((name, error)) => {
@@ -188,7 +294,7 @@ impl Manager {
         self.failed = errors.len();
         self.bound.send_replace(self.bound());
         let upstreams: Vec<_> = self.listeners.values().map(|r| r.state.upstreams()).collect();
-        self.checks.sync_all(upstreams.iter().map(|u| u.pool()));
+        self.checks.sync_all(upstreams.iter().flat_map(|u| u.pools()));
         errors
     }
 
@@ -196,19 +302,29 @@ impl Manager {
         &self,
         key: ListenerKey,
         port: Arc<ServicePort>,
-        endpoints: Arc<[Endpoint]>,
+        binding: Binding,
+        sibling: Option<&Upstreams>,
     ) -> Result<Running, (String, Error)> {
         let name = port.display_name();
         let (FrontendKey::Addr(protocol, _) | FrontendKey::NodePort(protocol, _)) = key.0;
         let addr = key.1;
-        let socket = bind(protocol, addr).map_err(|source| (name.clone(), Error::Bind { addr, source }))?;
+        let socket = bind(protocol, addr, binding.freebind)
+            .map_err(|source| (name.clone(), Error::Bind { addr, source }))?;
         let local = socket
             .local_addr()
             .and_then(|a| a.as_socket().ok_or_else(|| io::Error::other("not an IP socket")))
             .map_err(|source| (name.clone(), Error::Bind { addr, source }))?;
-        let pool = Pool::new(port.clone(), &endpoints, None);
-        let state =
-            ListenerState::new(name, pool, &endpoints, self.force.child_token(), self.config.drain_timeout);
+        let routes = match sibling {
+            Some(s) => binding.routes(&port, Some(s.pool()), s.internal_pool()),
+            None => binding.routes(&port, None, None),
+        };
+        let state = ListenerState::with_routes(
+            name,
+            routes,
+            self.force.child_token(),
+            self.config.drain_timeout,
+            binding.hold,
+        );
         let stop = CancellationToken::new();
         let spawned = match protocol {
             Protocol::Udp => UdpSocket::from_std(socket.into()).map(|s| {
@@ -220,7 +336,7 @@ impl Manager {
         if let Err(source) = spawned {
             return Err((state.name().to_string(), Error::Bind { addr, source }));
         }
-        Ok(Running { port, endpoints, state, stop, local })
+        Ok(Running { port, binding, state, stop, local })
     }
 
     /// Stops accepting on `r`; its connections get the drain timeout to finish.
@@ -308,8 +424,9 @@ impl Drop for Manager {
 }
 
 /// A non-blocking frontend socket: `SO_REUSEADDR`, `SO_REUSEPORT`, `IPV6_V6ONLY` for v6,
-/// listening with a backlog of [`BACKLOG`] for TCP.
-pub(crate) fn bind(protocol: Protocol, addr: SocketAddr) -> io::Result<Socket> {
+/// listening with a backlog of [`BACKLOG`] for TCP. With `freebind` (Linux), `IP_FREEBIND` /
+/// `IPV6_FREEBIND` let the bind succeed before the address is on a local device.
+pub(crate) fn bind(protocol: Protocol, addr: SocketAddr, freebind: bool) -> io::Result<Socket> {
     let ty = if protocol == Protocol::Udp { Type::DGRAM } else { Type::STREAM };
     let socket = Socket::new(Domain::for_address(addr), ty, None)?;
     socket.set_reuse_address(true)?;
@@ -317,6 +434,9 @@ pub(crate) fn bind(protocol: Protocol, addr: SocketAddr) -> io::Result<Socket> {
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
+    }
+    if freebind {
+        set_freebind(&socket, addr)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -327,4 +447,14 @@ pub(crate) fn bind(protocol: Protocol, addr: SocketAddr) -> io::Result<Socket> {
         socket.listen(BACKLOG)?;
     }
     Ok(socket)
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn set_freebind(socket: &Socket, addr: SocketAddr) -> io::Result<()> {
+    if addr.is_ipv6() { socket.set_freebind_v6(true) } else { socket.set_freebind_v4(true) }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn set_freebind(_: &Socket, _: SocketAddr) -> io::Result<()> {
+    Ok(())
 }

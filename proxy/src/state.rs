@@ -1,8 +1,23 @@
 //! [`ListenerState`]: what one frontend socket shares with the manager.
 //!
 //! The accept/recv loop reads the current [`Upstreams`] with one `ArcSwap` load per connection or
-//! datagram (no lock). The manager replaces it with [`ListenerState::set_pool`] when the snapshot
-//! changes the port; only that call takes the (uncontended) drain-bookkeeping mutex.
+//! datagram (no lock). The manager replaces it with [`ListenerState::set_routes`] (or
+//! [`ListenerState::set_pool`]) when the snapshot changes the port; only that call takes the
+//! (uncontended) drain-bookkeeping mutex.
+//!
+//! Routing ([`Upstreams::route`]), per client, allocation-free (linear scans of a few CIDRs):
+//! 1. `allowed_sources` set (`loadBalancerSourceRanges`) and the client outside it: **drop**.
+//! 2. `internal` set and the client inside its sources (pod CIDRs, node addresses): the internal
+//!    pool (`externalTrafficPolicy: Local` short-circuit to the cluster set); else the main pool.
+//! 3. `drop_when_empty` and the chosen pool is empty (a Local policy without local endpoints while
+//!    the service has endpoints elsewhere): **drop**. Otherwise an empty pool refuses the client
+//!    (TCP reset, UDP datagram discarded): `ferry lb`'s behaviour.
+//!
+//! A dropped UDP datagram is discarded. A dropped TCP connection has already completed its
+//! handshake (the kernel did it), so "drop" is emulated by *holding* it: nothing is read or sent
+//! until the client gives up, the routes change so that it can be served, or [`Hold::timeout`]
+//! passes; then it is closed with FIN (never RST). At most [`Hold::max_held`] connections are
+//! held per listener; beyond that a dropped connection is closed (FIN) at once.
 //!
 //! Drain: every endpoint of a listener has a [`CancellationToken`] (a child of the listener's
 //! `drain` token, itself a child of the process-wide force token). A TCP connection waits on the
@@ -11,10 +26,10 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -22,24 +37,112 @@ use std::{
 use arc_swap::ArcSwap;
 use ferry_lb::Pool;
 use ferry_model::Endpoint;
+use ipnet::IpNet;
 use metrics::{Counter, Gauge};
+use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-/// The pool of a listener plus a drain token per endpoint address. Immutable once published.
+/// Bounds on holding dropped TCP connections (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hold {
+    /// How long a dropped connection is held before it is closed with FIN.
+    pub timeout: Duration,
+    /// Connections held at once per listener; more are closed (FIN) at once.
+    pub max_held: usize,
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(60), max_held: 1024 }
+    }
+}
+
+/// A listener's pools and the per-client rules choosing among them (see the module docs).
+#[derive(Debug)]
+pub struct Routes {
+    /// The pool for clients no other rule applies to.
+    pub pool: Pool,
+    /// Clients whose address is in the sources use the second pool.
+    pub internal: Option<(Arc<[IpNet]>, Pool)>,
+    /// When set, clients outside these ranges are dropped.
+    pub allowed_sources: Option<Arc<[IpNet]>>,
+    /// An empty chosen pool drops the client instead of refusing it.
+    pub drop_when_empty: bool,
+    /// TCP connections to the main pool's endpoints are made from the client's address
+    /// (`IP_TRANSPARENT`), so those endpoints see the client's IP.
+    pub transparent: bool,
+}
+
+impl Routes {
+    /// One pool for every client; an empty pool refuses (`ferry lb`).
+    pub fn single(pool: Pool) -> Self {
+        Self { pool, internal: None, allowed_sources: None, drop_when_empty: false, transparent: false }
+    }
+}
+
+/// What [`Upstreams::route`] decided for one client.
+#[derive(Debug, Clone, Copy)]
+pub enum Route<'a> {
+    /// Pick from this pool (it may be empty: then the client is refused).
+    Pool(&'a Pool),
+    /// Drop silently: hold a TCP connection, discard a datagram.
+    Drop,
+}
+
+/// Whether `ip` is in any of `nets`.
+fn within(nets: &[IpNet], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// The routes of a listener plus a drain token per endpoint address. Immutable once published.
 #[derive(Debug)]
 pub struct Upstreams {
-    pool: Pool,
+    routes: Routes,
     drains: HashMap<SocketAddr, CancellationToken>,
     generation: u64,
 }
 
 impl Upstreams {
-    /// The pool to pick from.
+    /// The main pool (every client's pool unless the listener has an internal route).
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        &self.routes.pool
     }
 
-    /// Whether `addr` is one of this pool's endpoints.
+    /// The pool for internal clients, when the listener has one.
+    pub fn internal_pool(&self) -> Option<&Pool> {
+        self.routes.internal.as_ref().map(|(_, p)| p)
+    }
+
+    /// Every pool of this listener (the main one first).
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        std::iter::once(&self.routes.pool).chain(self.internal_pool())
+    }
+
+    /// Where a connection or flow from `client` goes. Lock- and allocation-free.
+    pub fn route(&self, client: IpAddr) -> Route<'_> {
+        let r = &self.routes;
+        if let Some(allowed) = &r.allowed_sources
+            && !within(allowed, client)
+        {
+            return Route::Drop;
+        }
+        let pool = match &r.internal {
+            Some((sources, pool)) if within(sources, client) => pool,
+            _ => &r.pool,
+        };
+        if r.drop_when_empty && pool.endpoints().is_empty() {
+            return Route::Drop;
+        }
+        Route::Pool(pool)
+    }
+
+    /// Whether connections to endpoints of `pool` (as returned by [`Self::route`]) are made from
+    /// the client's address.
+    pub fn transparent_for(&self, pool: &Pool) -> bool {
+        self.routes.transparent && std::ptr::eq(pool, &self.routes.pool)
+    }
+
+    /// Whether `addr` is one of this listener's endpoints (in any pool).
     pub fn contains(&self, addr: SocketAddr) -> bool {
         self.drains.contains_key(&addr)
     }
@@ -63,6 +166,7 @@ pub(crate) struct ListenerMetrics {
     pub(crate) tx: Counter,
     pub(crate) connect_failures: Counter,
     pub(crate) no_endpoint: Counter,
+    pub(crate) dropped: Counter,
     pub(crate) datagrams_rx: Counter,
     pub(crate) datagrams_tx: Counter,
 }
@@ -77,6 +181,7 @@ impl ListenerMetrics {
             tx: metrics::counter!("ferry_listener_bytes_total", "listener" => l.clone(), "direction" => "tx"),
             connect_failures: metrics::counter!("ferry_listener_connect_failures_total", "listener" => l.clone()),
             no_endpoint: metrics::counter!("ferry_listener_no_endpoint_total", "listener" => l.clone()),
+            dropped: metrics::counter!("ferry_listener_dropped_total", "listener" => l.clone()),
             datagrams_rx: metrics::counter!("ferry_udp_datagrams_total", "listener" => l.clone(), "direction" => "rx"),
             datagrams_tx: metrics::counter!("ferry_udp_datagrams_total", "listener" => l, "direction" => "tx"),
         }
@@ -104,6 +209,10 @@ pub struct ListenerState {
     entries: Mutex<HashMap<SocketAddr, DrainEntry>>,
     generation: AtomicU64,
     active: AtomicU64,
+    hold: Hold,
+    held: AtomicUsize,
+    /// Woken by every route change (held connections re-route).
+    changed: Notify,
 }
 
 // === impl ListenerState ===
@@ -119,26 +228,39 @@ impl ListenerState {
         drain: CancellationToken,
         drain_timeout: Duration,
     ) -> Arc<Self> {
+        debug_assert_eq!(pool.endpoints().len(), endpoints.len());
+        Self::with_routes(name, Routes::single(pool), drain, drain_timeout, Hold::default())
+    }
+
+    /// Like [`Self::new`], with per-client `routes` and the bounds on held connections.
+    pub fn with_routes(
+        name: impl Into<Arc<str>>,
+        routes: Routes,
+        drain: CancellationToken,
+        drain_timeout: Duration,
+        hold: Hold,
+    ) -> Arc<Self> {
         let name = name.into();
-        let mut entries = HashMap::with_capacity(endpoints.len());
-        let drains = endpoints
-            .iter()
-            .map(|e| {
-                let token = drain.child_token();
-                entries.insert(e.addr, DrainEntry { token: token.clone(), pending: None });
-                (e.addr, token)
-            })
-            .collect();
+        let mut entries = HashMap::new();
+        let mut drains = HashMap::new();
+        for addr in endpoint_addrs(&routes) {
+            let token = drain.child_token();
+            entries.insert(addr, DrainEntry { token: token.clone(), pending: None });
+            drains.insert(addr, token);
+        }
         Arc::new(Self {
             metrics: ListenerMetrics::new(&name),
             name,
-            upstreams: ArcSwap::from_pointee(Upstreams { pool, drains, generation: 0 }),
+            upstreams: ArcSwap::from_pointee(Upstreams { routes, drains, generation: 0 }),
             drain,
             tasks: TaskTracker::new(),
             drain_timeout,
             entries: Mutex::new(entries),
             generation: AtomicU64::new(0),
             active: AtomicU64::new(0),
+            hold,
+            held: AtomicUsize::new(0),
+            changed: Notify::new(),
         })
     }
 
@@ -182,10 +304,18 @@ impl ListenerState {
         &self.tasks
     }
 
-    /// Publishes a new pool built over `endpoints`. Endpoints that left get their connections
-    /// closed after the drain timeout unless they come back before it passes.
+    /// Publishes a new pool built over `endpoints` (one pool for every client). Endpoints that
+    /// left get their connections closed after the drain timeout unless they come back before it
+    /// passes.
     pub fn set_pool(&self, pool: Pool, endpoints: &[Endpoint]) {
-        let present: HashSet<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
+        debug_assert_eq!(pool.endpoints().len(), endpoints.len());
+        self.set_routes(Routes::single(pool));
+    }
+
+    /// Publishes new routes. Endpoints (of any pool) that left get their connections closed
+    /// after the drain timeout unless they come back before it passes. Held connections re-route.
+    pub fn set_routes(&self, routes: Routes) {
+        let present: HashSet<SocketAddr> = endpoint_addrs(&routes).collect();
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.retain(|addr, e| present.contains(addr) || !e.token.is_cancelled());
         for addr in &present {
@@ -226,6 +356,48 @@ impl ListenerState {
             })
             .collect();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.upstreams.store(Arc::new(Upstreams { pool, drains, generation }));
+        self.upstreams.store(Arc::new(Upstreams { routes, drains, generation }));
+        drop(entries);
+        self.changed.notify_waiters();
     }
+
+    /// The bounds on held (dropped) TCP connections.
+    pub fn hold(&self) -> Hold {
+        self.hold
+    }
+
+    /// TCP connections currently held because they were dropped.
+    pub fn held_connections(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Reserves a hold slot; `None` when [`Hold::max_held`] connections are already held.
+    pub(crate) fn try_hold(&self) -> Option<HeldSlot<'_>> {
+        let max = self.hold.max_held;
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| HeldSlot(self))
+    }
+
+    /// Resolves at the next route change (create it *before* reading the routes).
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+}
+
+/// One held connection; releases its slot when dropped.
+pub(crate) struct HeldSlot<'a>(&'a ListenerState);
+
+impl Drop for HeldSlot<'_> {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Every endpoint address of every pool of `routes`.
+fn endpoint_addrs(routes: &Routes) -> impl Iterator<Item = SocketAddr> + '_ {
+    std::iter::once(&routes.pool)
+        .chain(routes.internal.as_ref().map(|(_, p)| p))
+        .flat_map(|p| p.endpoints().iter().map(|e| e.addr()))
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Manager, ProxyConfig};
 
-const DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(5);
 
 fn listener(name: &str, addr: &str, protocol: Protocol, backends: &[SocketAddr]) -> ValidListener {
     ValidListener {
@@ -74,7 +74,7 @@ impl Harness {
 }
 
 /// A TCP backend that reads until EOF, then replies `[id] ++ data` and closes.
-async fn collect_backend(id: u8) -> (SocketAddr, JoinHandle<()>) {
+pub(crate) async fn collect_backend(id: u8) -> (SocketAddr, JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let task = tokio::spawn(async move {
@@ -332,7 +332,7 @@ async fn drain_deadline_closes_connections_of_removed_listener() {
 }
 
 /// A UDP backend replying `[id] ++ data`, or its view of the client port when asked `port?`.
-async fn udp_backend(id: u8) -> (SocketAddr, JoinHandle<()>) {
+pub(crate) async fn udp_backend(id: u8) -> (SocketAddr, JoinHandle<()>) {
     let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let addr = s.local_addr().expect("addr");
     let task = tokio::spawn(async move {

@@ -9,7 +9,10 @@
 //! - Datagrams pass unchanged: buffers hold 65,536 bytes, more than any UDP payload.
 //! - A flow idle (no datagram either way) for the port's `udp_idle` is dropped by a sweep that
 //!   runs inside the recv loop.
-//! - A flow whose endpoint left the pool is re-picked on its next datagram.
+//! - A flow whose endpoint left the pool is re-picked on its next datagram (the pool the client is
+//!   routed to now: see [`Upstreams::route`]).
+//! - A client the routes drop (source ranges, Local policy without local endpoints) gets no flow;
+//!   its datagrams are discarded and counted (`ferry_listener_dropped_total`).
 //! - The table holds at most `max_flows`; when full, idle flows go first, then the oldest eighth.
 //! - Reply tasks read into one per-thread buffer, so a flow costs two sockets' worth of kernel
 //!   state, one small allocation and one task, never a datagram buffer of its own.
@@ -36,7 +39,7 @@ use socket2::{SockAddr, SockRef};
 use tokio::{net::UdpSocket, task::AbortHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::state::{ListenerState, Upstreams};
+use crate::state::{ListenerState, Route, Upstreams};
 
 /// Largest datagram buffer: every UDP payload (at most 65,527 bytes) fits.
 pub const BUFFER: usize = 65_536;
@@ -202,12 +205,13 @@ fn on_datagram(
     let valid = match flows.get_mut(&client) {
         None => false,
         Some(f) if f.generation == upstreams.generation() => true,
-        Some(f) if upstreams.contains(f.lease.addr()) => {
+        Some(f) if matches!(upstreams.route(client.ip()), Route::Pool(p) if p.get(f.lease.addr()).is_some()) =>
+        {
             f.generation = upstreams.generation();
             true
         }
         Some(f) => {
-            tracing::debug!(listener = %state.name(), %client, endpoint = %f.lease.addr(), "endpoint left; re-picking");
+            tracing::debug!(listener = %state.name(), %client, endpoint = %f.lease.addr(), "endpoint left the client's pool; re-picking");
             flows.remove(&client);
             false
         }
@@ -250,7 +254,12 @@ fn new_flow(
     upstreams: &Upstreams,
     epoch: Instant,
 ) -> Option<Flow> {
-    let Some(lease) = upstreams.pool().pick(client.ip(), &[]) else {
+    let Route::Pool(pool) = upstreams.route(client.ip()) else {
+        state.metrics.dropped.increment(1);
+        tracing::debug!(listener = %state.name(), %client, "dropped by the listener's routes");
+        return None;
+    };
+    let Some(lease) = pool.pick(client.ip(), &[]) else {
         state.metrics.no_endpoint.increment(1);
         tracing::debug!(listener = %state.name(), %client, "no endpoint; datagram dropped");
         return None;

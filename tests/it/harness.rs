@@ -86,6 +86,8 @@ pub struct Ferry {
     child: Child,
     pub admin: SocketAddr,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// The namespace the admin server lives in (`None`: the test's own).
+    admin_netns: Option<String>,
 }
 
 impl Ferry {
@@ -100,8 +102,8 @@ impl Ferry {
 
     /// Starts `ferry lb --config dir` without waiting for readiness (only for the admin address).
     pub fn spawn(dir: &ConfigDir, extra_args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["lb", "--config"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        cmd.args(["lb", "--config"])
             .arg(dir.path())
             .args([
                 "--admin-address",
@@ -112,7 +114,14 @@ impl Ferry {
                 "info,ferry=debug",
             ])
             .args(defaults(extra_args))
-            .args(extra_args)
+            .args(extra_args);
+        Self::spawn_command(cmd, None)
+    }
+
+    /// Starts `cmd` (a ferry command line logging JSON with an admin server on port 0) and waits
+    /// for its admin server; `admin_netns` is the namespace it runs in, if any.
+    pub fn spawn_command(mut cmd: Command, admin_netns: Option<&str>) -> Self {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -128,7 +137,12 @@ impl Ferry {
                 sink.lock().expect("log lock").push(value);
             }
         });
-        let mut ferry = Self { child, admin: "0.0.0.0:0".parse().expect("addr"), logs };
+        let mut ferry = Self {
+            child,
+            admin: "0.0.0.0:0".parse().expect("addr"),
+            logs,
+            admin_netns: admin_netns.map(str::to_owned),
+        };
         let line = ferry
             .wait_log(DEADLINE, |l| msg(l) == "admin server listening")
             .expect("ferry did not start its admin server");
@@ -169,7 +183,10 @@ impl Ferry {
 
     /// `GET path` on the admin server: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.admin, path)
+        match &self.admin_netns {
+            None => http_get(self.admin, path),
+            Some(ns) => crate::netns::enter(ns, || http_get(self.admin, path)),
+        }
     }
 
     /// The value of a metric line with all `labels` (e.g. `listener="web"`), summed over matches.
@@ -265,7 +282,11 @@ pub struct TcpBackend {
 
 impl TcpBackend {
     pub async fn start(name: &'static str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        Self::serve(TcpListener::bind("127.0.0.1:0").await.expect("bind backend"), name)
+    }
+
+    /// Serves on an already-bound listener (e.g. one made inside a network namespace).
+    pub fn serve(listener: TcpListener, name: &'static str) -> Self {
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             loop {
@@ -312,7 +333,11 @@ pub struct UdpBackend {
 
 impl UdpBackend {
     pub async fn start(name: &'static str) -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp backend");
+        Self::serve(UdpSocket::bind("127.0.0.1:0").await.expect("bind udp backend"), name)
+    }
+
+    /// Serves on an already-bound socket (e.g. one made inside a network namespace).
+    pub fn serve(sock: UdpSocket, name: &'static str) -> Self {
         let addr = sock.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];

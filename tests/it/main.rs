@@ -11,3 +11,5 @@ mod lb_health;
 mod lb_tcp;
 mod lb_udp;
 mod lifecycle;
+mod netns;
+mod node;

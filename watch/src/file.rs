@@ -18,7 +18,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ferry_model::{Index, NodeInfo, ServiceKey};
+use ferry_model::{Index, NodeInfo, NodeStatus, ServiceKey};
 use notify::{
     EventKind, RecursiveMode, Watcher,
     event::{AccessKind, AccessMode},
@@ -301,13 +301,16 @@ impl State {
     /// Makes the index hold exactly `m`: applies every object (the index ignores unchanged ones)
     /// and deletes what the previous load had and this one does not.
     fn apply(&mut self, m: Manifests) {
+        let own = self
+            .node
+            .as_deref()
+            .and_then(|name| m.nodes.iter().find(|(_, n)| n.metadata.name.as_deref() == Some(name)));
         let node = self.node.as_deref().map(|name| {
-            m.nodes
-                .iter()
-                .find(|(_, n)| n.metadata.name.as_deref() == Some(name))
-                .map_or_else(|| NodeInfo { name: name.into(), zone: None }, |(_, n)| NodeInfo::from_node(n))
+            own.map_or_else(|| NodeInfo { name: name.into(), zone: None }, |(_, n)| NodeInfo::from_node(n))
         });
         self.index.set_node(node);
+        // Eligibility and addresses come only from a Node object (none: not eligible, as kube-proxy).
+        self.index.set_node_status(own.map(|(_, n)| NodeStatus::from_node(n)));
 
         let mut keys = Keys::default();
         for (_, l) in m.listeners {

@@ -1,0 +1,221 @@
+//! `ferry node`: the node service proxy.
+//!
+//! Wiring: [`Daemon`] (file source with this node's name, publisher, admin and metrics servers,
+//! signals) -> on every snapshot, one *sync*: the VIP device gets exactly the snapshot's
+//! ClusterIP/externalIP/LoadBalancer addresses ([`VipDevice::sync`]), then the listener
+//! [`Manager`] binds, updates or closes frontends under [`NodeFrontends`] (kube-proxy's traffic
+//! policy rules). A sync is what kube-proxy's `sync_proxy_rules` metrics time. A failed sync is
+//! retried; established connections are never touched by a sync.
+
+use std::{net::IpAddr, sync::Arc, time::Instant};
+
+use anyhow::Context as _;
+use ferry_model::Snapshot;
+use ferry_proxy::{
+    Manager, ProxyConfig,
+    health::{
+        DEFAULT_SYNC_PERIOD, HealthzServer, IpFamily, KubeProxyMetrics, ProxyHealth, ServiceHealthServers,
+    },
+    host::{self, VipDevice},
+    node::{NodeConfig, NodeFrontends},
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    cli::NodeArgs,
+    daemon::{self, Daemon},
+    telemetry,
+};
+
+/// Runs `ferry node` to completion.
+pub(crate) fn run(args: NodeArgs) -> anyhow::Result<()> {
+    daemon::runtime(&args.run)?.block_on(serve(args))
+}
+
+async fn serve(args: NodeArgs) -> anyhow::Result<()> {
+    if args.cleanup {
+        let removed = VipDevice::cleanup(&args.vip_device)
+            .await
+            .with_context(|| format!("removing the VIP device {}", args.vip_device))?;
+        tracing::info!(device = %args.vip_device, removed, "cleanup done");
+        return Ok(());
+    }
+    let (Some(config), Some(node_name)) = (args.config.clone(), args.node_name.clone()) else {
+        anyhow::bail!("--config and --node-name are required");
+    };
+    let metrics = telemetry::init_metrics()?;
+    let Some(daemon) =
+        Daemon::start(config, Some(node_name.clone()), &args.run, metrics, &[args.metrics_bind_address])
+            .await?
+    else {
+        return Ok(());
+    };
+
+    let device = VipDevice::ensure(&args.vip_device)
+        .await
+        .with_context(|| format!("preparing the VIP device {}", args.vip_device))?;
+    let snapshot = daemon.snapshots.current();
+    let node_port_addresses =
+        node_port_addresses(&args.nodeport_addresses, &snapshot, &args.vip_device).await?;
+    let mut local_sources = args.cluster_cidr.clone();
+    local_sources.extend(node_port_addresses.iter().map(|ip| ipnet::IpNet::from(*ip)));
+    tracing::info!(
+        node = %node_name,
+        device = %device.name(),
+        node_port_addresses = ?node_port_addresses,
+        "node proxy starting"
+    );
+    let filter = NodeFrontends::new(NodeConfig { node_port_addresses, local_sources });
+    let manager = Manager::new(ProxyConfig {
+        drain_timeout: args.run.drain_timeout,
+        filter: Arc::new(filter),
+        ..ProxyConfig::default()
+    });
+
+    // kube-proxy's health surface: the node server on :10256 and one server per healthCheckNodePort.
+    let families = [IpFamily::V4, IpFamily::V6];
+    let health = Arc::new(ProxyHealth::new(&families, DEFAULT_SYNC_PERIOD));
+    let kube_metrics = KubeProxyMetrics::new(&families);
+    let healthz = TcpListener::bind(args.healthz_bind_address)
+        .await
+        .with_context(|| format!("binding --healthz-bind-address {}", args.healthz_bind_address))?;
+    let health_stop = daemon.shutdown.child_token();
+    tokio::spawn(HealthzServer::new(health.clone()).serve(healthz, health_stop.clone()));
+    let service_health = ServiceHealthServers::new(
+        vec![ServiceHealthServers::ALL_ADDRESSES],
+        health.clone(),
+        health_stop.clone(),
+    );
+
+    let mut syncer = Syncer { device, manager, health, metrics: kube_metrics, service_health, last: None };
+    syncer.sync(&snapshot).await;
+    daemon.serving();
+    tracing::info!(
+        version = snapshot.version,
+        frontends = snapshot.frontends.len(),
+        "configuration loaded; serving"
+    );
+
+    let mut updates = daemon.snapshots.subscribe();
+    let mut failed = false;
+    loop {
+        tokio::select! {
+            () = daemon.shutdown.cancelled() => break,
+            changed = updates.changed() => if changed.is_err() { break },
+            () = tokio::time::sleep(std::time::Duration::from_secs(2)), if failed => {}
+        }
+        let snapshot = updates.borrow_and_update().clone();
+        syncer.queued(&snapshot);
+        failed = !syncer.sync(&snapshot).await;
+    }
+    syncer.manager.shutdown().await;
+    daemon.stop().await;
+    tracing::info!(
+        "drained; exiting (VIP addresses stay for the next start; `ferry node --cleanup` removes them)"
+    );
+    Ok(())
+}
+
+/// Everything one sync touches, owned by the node loop.
+struct Syncer {
+    device: VipDevice,
+    manager: Manager,
+    health: Arc<ProxyHealth>,
+    metrics: KubeProxyMetrics,
+    service_health: ServiceHealthServers,
+    /// The last snapshot synced, to count what changed.
+    last: Option<Arc<Snapshot>>,
+}
+
+impl Syncer {
+    /// A new snapshot arrived: counts its changes and starts the staleness clock.
+    fn queued(&self, snapshot: &Snapshot) {
+        self.health.queued();
+        self.metrics.last_queued_timestamp();
+        if let Some(last) = &self.last {
+            let (services, endpoints) = changes(last, snapshot);
+            self.metrics.service_changes(services);
+            self.metrics.endpoint_changes(endpoints);
+        }
+    }
+
+    /// One sync: addresses on the device, then listeners, then health servers. Returns false
+    /// if something must be retried.
+    async fn sync(&mut self, snapshot: &Arc<Snapshot>) -> bool {
+        let start = Instant::now();
+        let mut ok = true;
+        match self.device.sync(&host::frontend_addresses(snapshot)).await {
+            Ok(stats) => tracing::debug!(?stats, "VIP device synced"),
+            Err(error) => {
+                tracing::warn!(%error, "VIP device sync failed; will retry");
+                ok = false;
+            }
+        }
+        let errors = self.manager.apply(snapshot);
+        ok &= errors.is_empty();
+        let elapsed = start.elapsed();
+        self.metrics.record_sync(elapsed);
+        self.metrics.record_no_local_endpoints(snapshot);
+        self.health.observe_node(snapshot);
+        if ok {
+            self.health.updated();
+        }
+        for error in self.service_health.sync(snapshot).await {
+            tracing::warn!(%error, "healthCheckNodePort server could not bind; will retry");
+        }
+        self.last = Some(snapshot.clone());
+        tracing::debug!(version = snapshot.version, elapsed_us = elapsed.as_micros() as u64, "synced");
+        ok
+    }
+}
+
+/// Services whose ports changed, and services whose endpoints changed, between two snapshots
+/// (persistent maps: unchanged subtrees are skipped, so this is O(changes), not O(services)).
+fn changes(old: &Snapshot, new: &Snapshot) -> (u64, u64) {
+    let (mut services, mut endpoints) = (0, 0);
+    for item in old.services.diff(&new.services) {
+        match item {
+            imbl::ordmap::DiffItem::Update { old: (_, a), new: (_, b) } => {
+                let same_shape = a.ports.len() == b.ports.len()
+                    && a.ports
+                        .iter()
+                        .zip(&b.ports)
+                        .all(|(p, q)| p.frontends == q.frontends && p.session_affinity == q.session_affinity);
+                let same_endpoints = a.ports.len() == b.ports.len()
+                    && a.ports.iter().zip(&b.ports).all(|(p, q)| p.endpoints == q.endpoints);
+                services += u64::from(!same_shape);
+                endpoints += u64::from(!same_endpoints);
+            }
+            _ => services += 1,
+        }
+    }
+    (services, endpoints)
+}
+
+/// Resolves `--nodeport-addresses`: `primary` takes the Node object's addresses; CIDRs select
+/// the node's interface addresses inside them.
+async fn node_port_addresses(
+    spec: &[String],
+    snapshot: &Snapshot,
+    vip_device: &str,
+) -> anyhow::Result<Vec<IpAddr>> {
+    if spec.iter().all(|s| s.trim() == "primary") {
+        let addresses = snapshot.node_status.as_ref().map(|s| s.addresses.clone()).unwrap_or_default();
+        if addresses.is_empty() {
+            tracing::warn!(
+                "--nodeport-addresses primary: no Node object with status.addresses for this node; NodePorts are not served"
+            );
+        }
+        return Ok(addresses);
+    }
+    let cidrs = spec
+        .iter()
+        .map(|s| {
+            s.trim()
+                .parse::<ipnet::IpNet>()
+                .with_context(|| format!("--nodeport-addresses: {s:?} is not a CIDR"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let local = host::local_addresses(Some(vip_device)).await.context("listing the node addresses")?;
+    Ok(local.into_iter().filter(|ip| cidrs.iter().any(|c| c.contains(ip))).collect())
+}

@@ -1,0 +1,422 @@
+//! `ferry node` on a real node network: namespaces for the node, pods on this node and on
+//! another node, and an external client. Every behaviour is exercised from where a user would
+//! see it (a pod, the node itself, an outside client).
+//!
+//! ```text
+//!  client 192.168.100.2 ── 192.168.100.1 [node: ferry node, VIP device ferry0] 10.244.1.1 ── pod-a 10.244.1.10 (node-a)
+//!  fd00:100::2              fd00:100::1                                       10.244.2.1 ── pod-b 10.244.2.10 (node-b)
+//! ```
+//! `pod-b` is routed through this node's namespace but its EndpointSlice entry says `nodeName:
+//! node-b`: what matters to the proxy is the endpoint's node, not the wire.
+
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
+
+use tokio::io::AsyncReadExt;
+
+use crate::{
+    harness::*,
+    netns::{Netns, veth},
+};
+
+const NODE: &str = "node-a";
+
+/// The network and a config directory for one test.
+struct Cluster {
+    node: Netns,
+    client: Netns,
+    pod_a: Netns,
+    pod_b: Netns,
+    dir: ConfigDir,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let node = Netns::new("node");
+        let client = Netns::new("client");
+        let pod_a = Netns::new("poda");
+        let pod_b = Netns::new("podb");
+        veth(&client, "eth0", "192.168.100.2/24", &node, "eth-client", "192.168.100.1/24");
+        client.ip(&["-6", "addr", "add", "fd00:100::2/64", "dev", "eth0", "nodad"]);
+        node.ip(&["-6", "addr", "add", "fd00:100::1/64", "dev", "eth-client", "nodad"]);
+        veth(&pod_a, "eth0", "10.244.1.10/24", &node, "veth-a", "10.244.1.1/24");
+        pod_a.ip(&["-6", "addr", "add", "fd00:244:1::10/64", "dev", "eth0", "nodad"]);
+        node.ip(&["-6", "addr", "add", "fd00:244:1::1/64", "dev", "veth-a", "nodad"]);
+        veth(&pod_b, "eth0", "10.244.2.10/24", &node, "veth-b", "10.244.2.1/24");
+        for (ns, gw, gw6) in [
+            (&client, "192.168.100.1", "fd00:100::1"),
+            (&pod_a, "10.244.1.1", "fd00:244:1::1"),
+            (&pod_b, "10.244.2.1", ""),
+        ] {
+            ns.ip(&["route", "add", "default", "via", gw]);
+            if !gw6.is_empty() {
+                ns.ip(&["-6", "route", "add", "default", "via", gw6]);
+            }
+        }
+        node.sysctl("net.ipv4.ip_forward", "1");
+        let dir = ConfigDir::new();
+        dir.write("node.yaml", &node_yaml());
+        Self { node, client, pod_a, pod_b, dir }
+    }
+
+    /// Starts `ferry node` in the node namespace and waits until it serves.
+    fn start(&self, extra: &[&str]) -> Ferry {
+        let mut cmd = self.node.command(env!("CARGO_BIN_EXE_ferry"));
+        cmd.args(["node", "--config"]).arg(self.dir.path()).args([
+            "--node-name",
+            NODE,
+            "--nodeport-addresses",
+            "192.168.100.0/24,fd00:100::/64",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:244::/48",
+            "--vip-device",
+            "ferry0",
+            "--admin-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+            "--healthz-bind-address",
+            "0.0.0.0:10256",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info,ferry=debug",
+            "--reload-debounce",
+            "50ms",
+            "--drain-timeout",
+            "2s",
+        ]);
+        cmd.args(extra);
+        let ferry = Ferry::spawn_command(cmd, Some(&self.node.name));
+        ferry
+            .wait_log(DEADLINE, |l| msg(l) == "configuration loaded; serving")
+            .expect("ferry node never served");
+        ferry
+    }
+
+    /// A TCP backend named `name` on `port` in `pod`.
+    fn tcp_backend(pod: &Netns, ip: &str, port: u16, name: &'static str) -> TcpBackend {
+        TcpBackend::serve(pod.tcp_listener(SocketAddr::new(ip.parse().expect("ip"), port)), name)
+    }
+}
+
+fn node_yaml() -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n  labels:\n    topology.kubernetes.io/zone: zone-a\n\
+         status:\n  addresses:\n  - {{type: InternalIP, address: 192.168.100.1}}\n"
+    )
+}
+
+/// A Service; `ports` are `(name, protocol, port, targetPort, nodePort)`.
+fn service_yaml(name: &str, spec_extra: &str, ports: &[(&str, &str, u16, u16, Option<u16>)]) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n{spec_extra}  ports:\n"
+    );
+    for (pname, proto, port, target, node_port) in ports {
+        y.push_str(&format!("  - {{name: {pname}, protocol: {proto}, port: {port}, targetPort: {target}"));
+        if let Some(np) = node_port {
+            y.push_str(&format!(", nodePort: {np}"));
+        }
+        y.push_str("}\n");
+    }
+    y
+}
+
+/// An EndpointSlice for `service`; `endpoints` are `(ip, node, ready)`; `ports` `(name, protocol, port)`.
+fn slice_yaml(
+    name: &str,
+    service: &str,
+    family: &str,
+    endpoints: &[(&str, &str, bool)],
+    ports: &[(&str, &str, u16)],
+) -> String {
+    let mut y = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: {service}}}\naddressType: {family}\nendpoints:\n"
+    );
+    for (ip, node, ready) in endpoints {
+        y.push_str(&format!(
+            "- {{addresses: [\"{ip}\"], nodeName: {node}, conditions: {{ready: {ready}}}}}\n"
+        ));
+    }
+    y.push_str("ports:\n");
+    for (pname, proto, port) in ports {
+        y.push_str(&format!("- {{name: {pname}, protocol: {proto}, port: {port}}}\n"));
+    }
+    y
+}
+
+async fn hello(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
+    let mut s = ns.tcp_connect(to)?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut byte)).await??;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before greeting"));
+        }
+        if byte[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(byte[0]);
+    }
+}
+
+async fn names(ns: &Netns, to: SocketAddr, n: usize) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    for i in 0..n {
+        seen.insert(
+            hello(ns, to).await.unwrap_or_else(|e| panic!("connection {i} to {to} from {}: {e}", ns.name)),
+        );
+    }
+    seen
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+fn set(items: &[&str]) -> HashSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_ip_node_port_and_vip_device_from_pod_node_and_outside() {
+    let c = Cluster::new();
+    let _a = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a");
+    let _b = Cluster::tcp_backend(&c.pod_b, "10.244.2.10", 8080, "b");
+    c.dir.write(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml(
+                "web",
+                "  type: NodePort\n  clusterIP: 10.96.0.10\n",
+                &[("http", "TCP", 80, 8080, Some(30080))]
+            ),
+            slice_yaml(
+                "web-1",
+                "web",
+                "IPv4",
+                &[("10.244.1.10", "node-a", true), ("10.244.2.10", "node-b", true)],
+                &[("http", "TCP", 8080)]
+            )
+        ),
+    );
+    let ferry = c.start(&[]);
+
+    // The VIP is on the dedicated device, and the node does not answer ARP for it elsewhere.
+    let out = c.node.command("ip").args(["-o", "addr", "show", "dev", "ferry0"]).output().expect("ip addr");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("10.96.0.10/32"), "{out:?}");
+    assert_eq!(c.node.read_sysctl("net.ipv4.conf.all.arp_ignore"), "1");
+
+    assert_eq!(names(&c.pod_a, sa("10.96.0.10:80"), 20).await, set(&["a", "b"]), "ClusterIP from a pod");
+    assert_eq!(names(&c.node, sa("10.96.0.10:80"), 20).await, set(&["a", "b"]), "ClusterIP from the node");
+    assert_eq!(
+        names(&c.client, sa("192.168.100.1:30080"), 20).await,
+        set(&["a", "b"]),
+        "NodePort from outside"
+    );
+
+    let snap = ferry.snapshot();
+    assert!(snap.to_string().contains("10.96.0.10"), "{snap}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_ip_over_udp_reaches_pods() {
+    let c = Cluster::new();
+    let _a = UdpBackend::serve(c.pod_a.udp_socket(sa("10.244.1.10:5353")), "a");
+    let _b = UdpBackend::serve(c.pod_b.udp_socket(sa("10.244.2.10:5353")), "b");
+    c.dir.write(
+        "dns.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml("dns", "  clusterIP: 10.96.0.53\n", &[("dns", "UDP", 53, 5353, None)]),
+            slice_yaml(
+                "dns-1",
+                "dns",
+                "IPv4",
+                &[("10.244.1.10", "node-a", true), ("10.244.2.10", "node-b", true)],
+                &[("dns", "UDP", 5353)]
+            )
+        ),
+    );
+    let _ferry = c.start(&[]);
+
+    let mut seen = HashSet::new();
+    for i in 0..10 {
+        let sock = c.pod_a.udp_socket(sa("0.0.0.0:0"));
+        let mut buf = vec![0u8; 1500];
+        let mut got = None;
+        for _ in 0..5 {
+            sock.send_to(format!("q{i}").as_bytes(), sa("10.96.0.53:53")).await.expect("send");
+            if let Ok(Ok((n, from))) =
+                tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf)).await
+            {
+                got = Some((String::from_utf8_lossy(&buf[..n]).into_owned(), from));
+                break;
+            }
+        }
+        let (reply, from) = got.expect("UDP reply through the ClusterIP");
+        assert_eq!(from, sa("10.96.0.53:53"), "replies come from the ClusterIP");
+        let (name, q) = reply.split_once(':').expect("name:payload");
+        assert_eq!(q, format!("q{i}"));
+        seen.insert(name.to_owned());
+    }
+    assert_eq!(seen, set(&["a", "b"]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn external_traffic_policy_local_serves_outside_clients_from_local_endpoints_only() {
+    let c = Cluster::new();
+    let _a = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a");
+    let _b = Cluster::tcp_backend(&c.pod_b, "10.244.2.10", 8080, "b");
+    c.dir.write(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml(
+                "web",
+                "  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n",
+                &[("http", "TCP", 80, 8080, Some(30080))]
+            ),
+            slice_yaml(
+                "web-1",
+                "web",
+                "IPv4",
+                &[("10.244.1.10", "node-a", true), ("10.244.2.10", "node-b", true)],
+                &[("http", "TCP", 8080)]
+            )
+        ),
+    );
+    let _ferry = c.start(&[]);
+
+    assert_eq!(
+        names(&c.client, sa("192.168.100.1:30080"), 12).await,
+        set(&["a"]),
+        "outside: local endpoints only"
+    );
+    // Pod-originated traffic to the NodePort is short-circuited to every endpoint, as kube-proxy does.
+    assert_eq!(
+        names(&c.pod_b, sa("192.168.100.1:30080"), 20).await,
+        set(&["a", "b"]),
+        "from a pod: all endpoints"
+    );
+    assert_eq!(
+        names(&c.pod_a, sa("10.96.0.10:80"), 20).await,
+        set(&["a", "b"]),
+        "ClusterIP is unaffected by eTP"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_without_endpoints_refuses_at_once_and_serves_when_one_appears() {
+    let c = Cluster::new();
+    let _a = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a");
+    c.dir.write(
+        "web.yaml",
+        &service_yaml("web", "  clusterIP: 10.96.0.10\n", &[("http", "TCP", 80, 8080, None)]),
+    );
+    let ferry = c.start(&[]);
+    let version = ferry.snapshot()["version"].as_u64().expect("version");
+
+    let start = std::time::Instant::now();
+    let err = c.pod_a.tcp_connect(sa("10.96.0.10:80")).expect_err("no endpoints: refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(start.elapsed() < Duration::from_secs(1));
+
+    c.dir.write(
+        "slice.yaml",
+        &slice_yaml("web-1", "web", "IPv4", &[("10.244.1.10", "node-a", true)], &[("http", "TCP", 8080)]),
+    );
+    ferry.wait_version(version + 1);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        match hello(&c.pod_a, sa("10.96.0.10:80")).await {
+            Ok(name) => {
+                assert_eq!(name, "a");
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never served after the endpoint appeared: {e}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_cluster_ip_and_node_port() {
+    let c = Cluster::new();
+    let _a = Cluster::tcp_backend(&c.pod_a, "fd00:244:1::10", 8080, "a6");
+    c.dir.write(
+        "web6.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml(
+                "web6",
+                "  type: NodePort\n  ipFamilies: [IPv6]\n  clusterIP: fd00:96::10\n  clusterIPs: [\"fd00:96::10\"]\n",
+                &[("http", "TCP", 80, 8080, Some(30081))]
+            ),
+            slice_yaml("web6-1", "web6", "IPv6", &[("fd00:244:1::10", "node-a", true)], &[("http", "TCP", 8080)])
+        ),
+    );
+    let _ferry = c.start(&[]);
+    assert_eq!(hello(&c.pod_a, sa("[fd00:96::10]:80")).await.expect("v6 ClusterIP"), "a6");
+    assert_eq!(hello(&c.client, sa("[fd00:100::1]:30081")).await.expect("v6 NodePort"), "a6");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_check_node_port_and_proxy_healthz_answer_like_kube_proxy() {
+    let c = Cluster::new();
+    let _a = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a");
+    c.dir.write(
+        "lb.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml(
+                "lb",
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+                &[("http", "TCP", 80, 8080, Some(30090))]
+            ),
+            slice_yaml(
+                "lb-1",
+                "lb",
+                "IPv4",
+                &[("10.244.1.10", "node-a", true), ("10.244.2.10", "node-b", true)],
+                &[("http", "TCP", 8080)]
+            )
+        ),
+    );
+    let _ferry = c.start(&[]);
+
+    let (status, body) = c.client.enter(|| http_get(sa("192.168.100.1:32000"), "/"));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["service"]["namespace"], "default");
+    assert_eq!(v["service"]["name"], "lb");
+    assert_eq!(v["localEndpoints"], 1);
+
+    let (status, body) = c.client.enter(|| http_get(sa("192.168.100.1:10256"), "/healthz"));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["nodeEligible"], true, "{body}");
+    let (status, _) = c.client.enter(|| http_get(sa("192.168.100.1:10256"), "/livez"));
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn cleanup_removes_the_vip_device() {
+    let node = Netns::new("cleanup");
+    node.ip(&["link", "add", "ferry0", "type", "bridge"]);
+    let out = node
+        .command(env!("CARGO_BIN_EXE_ferry"))
+        .args(["node", "--cleanup", "--vip-device", "ferry0"])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let link = node.command("ip").args(["link", "show", "ferry0"]).output().expect("ip link");
+    assert!(!link.status.success(), "ferry0 still exists");
+}
