@@ -18,19 +18,19 @@ use crate::{
     netns::{Netns, veth},
 };
 
-const NODE: &str = "node-a";
+pub const NODE: &str = "node-a";
 
 /// The network and a config directory for one test.
-struct Cluster {
-    node: Netns,
-    client: Netns,
-    pod_a: Netns,
-    pod_b: Netns,
-    dir: ConfigDir,
+pub struct Cluster {
+    pub node: Netns,
+    pub client: Netns,
+    pub pod_a: Netns,
+    pub pod_b: Netns,
+    pub dir: ConfigDir,
 }
 
 impl Cluster {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let node = Netns::new("node");
         let client = Netns::new("client");
         let pod_a = Netns::new("poda");
@@ -59,7 +59,7 @@ impl Cluster {
     }
 
     /// Starts `ferry node` in the node namespace and waits until it serves.
-    fn start(&self, extra: &[&str]) -> Ferry {
+    pub fn start(&self, extra: &[&str]) -> Ferry {
         let mut cmd = self.node.command(env!("CARGO_BIN_EXE_ferry"));
         cmd.args(["node", "--config"]).arg(self.dir.path()).args([
             "--node-name",
@@ -94,12 +94,12 @@ impl Cluster {
     }
 
     /// A TCP backend named `name` on `port` in `pod`.
-    fn tcp_backend(pod: &Netns, ip: &str, port: u16, name: &'static str) -> TcpBackend {
+    pub fn tcp_backend(pod: &Netns, ip: &str, port: u16, name: &'static str) -> TcpBackend {
         TcpBackend::serve(pod.tcp_listener(SocketAddr::new(ip.parse().expect("ip"), port)), name)
     }
 }
 
-fn node_yaml() -> String {
+pub fn node_yaml() -> String {
     format!(
         "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n  labels:\n    topology.kubernetes.io/zone: zone-a\n\
          status:\n  addresses:\n  - {{type: InternalIP, address: 192.168.100.1}}\n"
@@ -107,7 +107,7 @@ fn node_yaml() -> String {
 }
 
 /// A Service; `ports` are `(name, protocol, port, targetPort, nodePort)`.
-fn service_yaml(name: &str, spec_extra: &str, ports: &[(&str, &str, u16, u16, Option<u16>)]) -> String {
+pub fn service_yaml(name: &str, spec_extra: &str, ports: &[(&str, &str, u16, u16, Option<u16>)]) -> String {
     let mut y = format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n{spec_extra}  ports:\n"
     );
@@ -122,7 +122,7 @@ fn service_yaml(name: &str, spec_extra: &str, ports: &[(&str, &str, u16, u16, Op
 }
 
 /// An EndpointSlice for `service`; `endpoints` are `(ip, node, ready)`; `ports` `(name, protocol, port)`.
-fn slice_yaml(
+pub fn slice_yaml(
     name: &str,
     service: &str,
     family: &str,
@@ -145,7 +145,7 @@ fn slice_yaml(
     y
 }
 
-async fn hello(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
+pub async fn hello(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
     let mut s = ns.tcp_connect(to)?;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -161,7 +161,7 @@ async fn hello(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
     }
 }
 
-async fn names(ns: &Netns, to: SocketAddr, n: usize) -> HashSet<String> {
+pub async fn names(ns: &Netns, to: SocketAddr, n: usize) -> HashSet<String> {
     let mut seen = HashSet::new();
     for i in 0..n {
         seen.insert(
@@ -171,11 +171,11 @@ async fn names(ns: &Netns, to: SocketAddr, n: usize) -> HashSet<String> {
     seen
 }
 
-fn sa(s: &str) -> SocketAddr {
+pub fn sa(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
-fn set(items: &[&str]) -> HashSet<String> {
+pub fn set(items: &[&str]) -> HashSet<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
