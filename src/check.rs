@@ -6,7 +6,7 @@
 
 use std::{fmt::Write as _, process::ExitCode};
 
-use ferry_model::{Frontend, Index, Snapshot, listener::Backend};
+use ferry_model::{Frontend, Index, NodeInfo, Snapshot, listener::Backend};
 use ferry_watch::{Manifests, load_dir};
 
 use crate::cli::CheckArgs;
@@ -15,7 +15,7 @@ use crate::cli::CheckArgs;
 pub(crate) fn run(args: &CheckArgs) -> ExitCode {
     match load_dir(&args.config) {
         Ok(manifests) => {
-            print!("{}", render(&manifests));
+            print!("{}", render(&manifests, args.node_name.as_deref()));
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -26,8 +26,14 @@ pub(crate) fn run(args: &CheckArgs) -> ExitCode {
 }
 
 /// The human-readable summary printed on success.
-fn render(manifests: &Manifests) -> String {
-    let mut index = Index::new(None);
+fn render(manifests: &Manifests, node: Option<&str>) -> String {
+    let own =
+        node.and_then(|name| manifests.nodes.iter().find(|(_, n)| n.metadata.name.as_deref() == Some(name)));
+    let node_info = node.map(|name| {
+        own.map_or_else(|| NodeInfo { name: name.into(), zone: None }, |(_, n)| NodeInfo::from_node(n))
+    });
+    let categorised = node_info.is_some();
+    let mut index = Index::new(node_info);
     for (_, listener) in &manifests.listeners {
         index.apply_listener(listener.clone());
     }
@@ -60,7 +66,7 @@ fn render(manifests: &Manifests) -> String {
             }
         }
     }
-    render_services(&snapshot, &mut out);
+    render_services(&snapshot, categorised, &mut out);
     let _ = writeln!(
         out,
         "OK: {} listener(s), {} service(s), {} EndpointSlice(s), {} frontend(s)",
@@ -75,7 +81,7 @@ fn render(manifests: &Manifests) -> String {
     out
 }
 
-fn render_services(snapshot: &Snapshot, out: &mut String) {
+fn render_services(snapshot: &Snapshot, categorised: bool, out: &mut String) {
     for service in snapshot.services.values() {
         if service.origin == ferry_model::Origin::Listener {
             continue;
@@ -100,12 +106,20 @@ fn render_services(snapshot: &Snapshot, out: &mut String) {
                 port.protocol,
                 frontends.join(", ")
             );
-            let eps: Vec<String> = port.endpoints.all.iter().map(|e| e.addr.to_string()).collect();
-            let _ = writeln!(
-                out,
-                "    endpoints: {}",
-                if eps.is_empty() { "none".into() } else { eps.join(", ") }
-            );
+            let list = |eps: &[ferry_model::Endpoint]| {
+                let v: Vec<String> = eps.iter().map(|e| e.addr.to_string()).collect();
+                if v.is_empty() { "none".to_owned() } else { v.join(", ") }
+            };
+            let _ = writeln!(out, "    endpoints: {}", list(&port.endpoints.all));
+            if categorised {
+                let _ = writeln!(
+                    out,
+                    "    cluster: {} (topology {:?})\n    local: {}",
+                    list(&port.endpoints.cluster),
+                    port.endpoints.topology,
+                    list(&port.endpoints.local)
+                );
+            }
         }
     }
 }

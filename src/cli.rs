@@ -125,6 +125,11 @@ pub(crate) struct CheckArgs {
     /// Directory of YAML manifests to validate.
     #[arg(long)]
     pub(crate) config: PathBuf,
+
+    /// Categorise endpoints for this node (as `ferry node --node-name` would) and show the
+    /// cluster and local endpoint sets of every Service port.
+    #[arg(long)]
+    pub(crate) node_name: Option<String>,
 }
 
 /// Parses `250ms`, `2s`, `1m`, `1h` or a bare number of seconds.

@@ -52,3 +52,27 @@ fn check_reports_every_problem_with_file_document_and_field() {
     );
     assert!(stderr.contains("b.yaml") && stderr.contains("line"), "YAML errors carry a position: {stderr}");
 }
+
+/// Every example under deploy/examples validates, so the README's commands keep working.
+#[test]
+fn shipped_examples_validate() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
+    for (example, node) in [("quickstart", None), ("besu", None), ("node", Some("node-a"))] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        cmd.args(["check", "--config"]).arg(root.join(example));
+        if let Some(node) = node {
+            cmd.args(["--node-name", node]);
+        }
+        let out = cmd.output().expect("run");
+        assert!(out.status.success(), "{example}: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if node.is_some() {
+            // The serving-terminating endpoint is known but not in the cluster set (ready ones exist).
+            assert!(
+                stdout.contains("cluster: 10.244.1.10:8080, 10.244.2.10:8080 (topology None)"),
+                "{stdout}"
+            );
+            assert!(!stdout.contains("192.0.2.11"), "ipMode: Proxy must not be served: {stdout}");
+        }
+    }
+}
