@@ -148,7 +148,16 @@ impl NodeFrontends {
             TrafficPolicy::Cluster => self.binding(addr, eps.cluster.clone()),
             TrafficPolicy::Local => {
                 let mut b = self.binding(addr, eps.local.clone());
-                b.internal = Some((self.local_sources.clone(), eps.cluster.clone()));
+                // Short-circuited to the cluster set: pods, the node's addresses, and the frontend's
+                // own address, which is the source the node itself uses for a local VIP (as
+                // kube-proxy's `--src-type LOCAL` / `fib saddr type local`).
+                let own = IpNet::from(addr.ip());
+                let internal: Arc<[IpNet]> = if self.local_sources.contains(&own) {
+                    self.local_sources.clone()
+                } else {
+                    self.local_sources.iter().copied().chain([own]).collect()
+                };
+                b.internal = Some((internal, eps.cluster.clone()));
                 b.transparent = self.transparent;
                 b
             }

@@ -13,3 +13,4 @@ mod lb_udp;
 mod lifecycle;
 mod netns;
 mod node;
+mod node_semantics;
