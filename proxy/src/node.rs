@@ -14,8 +14,9 @@
 //!
 //! External rules: `eTP=Cluster` -> cluster set. `eTP=Local` -> clients whose address is in
 //! [`NodeConfig::local_sources`] (pod CIDRs and the node's own addresses: kube-proxy's
-//! detect-local plus `--src-type LOCAL`) get the cluster set (the "short-circuit"); everyone else
-//! gets the local set.
+//! detect-local plus `--src-type LOCAL`), or whose address is the frontend's own (the node's own
+//! connection to a local VIP comes from the VIP), get the cluster set (the "short-circuit");
+//! everyone else gets the local set.
 //!
 //! `loadBalancerSourceRanges` apply to LoadBalancer frontends only (as kube-proxy). A client
 //! outside every range is dropped. When a node address (a [`NodeConfig::node_port_addresses`]
