@@ -85,7 +85,14 @@ pub(crate) struct NodeArgs {
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub(crate) metrics_bind_address: SocketAddr,
 
-    /// Remove everything Ferry added to the node (the VIP device) and exit.
+    /// Keep the client's source address towards local endpoints of `externalTrafficPolicy: Local`
+    /// frontends, as kube-proxy does: upstream connections are made from the client's IP, and an
+    /// nftables `socket transparent` mark plus a policy route bring the replies back to Ferry.
+    /// `--preserve-source-ip=false` connects from a node address instead.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) preserve_source_ip: bool,
+
+    /// Remove everything Ferry added to the node (the VIP device, the source-IP rules) and exit.
     #[arg(long)]
     pub(crate) cleanup: bool,
 

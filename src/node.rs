@@ -6,8 +6,19 @@
 //! [`Manager`] binds, updates or closes frontends under [`NodeFrontends`] (kube-proxy's traffic
 //! policy rules). A sync is what kube-proxy's `sync_proxy_rules` metrics time. A failed sync is
 //! retried; established connections are never touched by a sync.
+//!
+//! Syncs are incremental: the device gets only the addresses that changed since the last
+//! snapshot ([`host::frontend_address_changes`], [`VipDevice::update`]) and the manager visits
+//! only changed frontends ([`Manager::apply_changes`]), so one endpoint change costs the same at
+//! 10 or 10,000 Services. The first sync, the one after a device error, and one every
+//! [`FULL_RESYNC`] (at the next change) are full: the device's addresses are re-read from the
+//! kernel and every frontend is visited, which repairs anything changed behind Ferry's back.
 
-use std::{net::IpAddr, sync::Arc, time::Instant};
+use std::{
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use ferry_model::Snapshot;
@@ -27,6 +38,10 @@ use crate::{
     telemetry,
 };
 
+/// Age after which the next sync is a full one (kube-proxy's default `--sync-period`, after
+/// which its nftables proxier also rewrites everything).
+const FULL_RESYNC: Duration = Duration::from_secs(3600);
+
 /// Runs `ferry node` to completion.
 pub(crate) fn run(args: NodeArgs) -> anyhow::Result<()> {
     daemon::runtime(&args.run)?.block_on(serve(args))
@@ -34,6 +49,7 @@ pub(crate) fn run(args: NodeArgs) -> anyhow::Result<()> {
 
 async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     if args.cleanup {
+        host::source_ip::cleanup().context("removing the source-IP rules")?;
         let removed = VipDevice::cleanup(&args.vip_device)
             .await
             .with_context(|| format!("removing the VIP device {}", args.vip_device))?;
@@ -65,7 +81,19 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         node_port_addresses = ?node_port_addresses,
         "node proxy starting"
     );
-    let filter = NodeFrontends::new(NodeConfig { node_port_addresses, local_sources });
+    // Source-IP preservation for eTP=Local needs the reply path programmed; without it (no nft,
+    // no privileges) local endpoints see a node address instead, which still works.
+    let transparent = args.preserve_source_ip
+        && match host::source_ip::ensure() {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "cannot program the source-IP reply path; local endpoints of \
+                    externalTrafficPolicy: Local frontends will see a node address");
+                false
+            }
+        };
+    let filter =
+        NodeFrontends::new(NodeConfig { node_port_addresses, local_sources }).with_transparent(transparent);
     let manager = Manager::new(ProxyConfig {
         drain_timeout: args.run.drain_timeout,
         filter: Arc::new(filter),
@@ -87,7 +115,15 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         health_stop.clone(),
     );
 
-    let mut syncer = Syncer { device, manager, health, metrics: kube_metrics, service_health, last: None };
+    let mut syncer = Syncer {
+        device,
+        manager,
+        health,
+        metrics: kube_metrics,
+        service_health,
+        last: None,
+        last_full: Instant::now(),
+    };
     syncer.sync(&snapshot).await;
     daemon.serving();
     tracing::info!(
@@ -123,8 +159,10 @@ struct Syncer {
     health: Arc<ProxyHealth>,
     metrics: KubeProxyMetrics,
     service_health: ServiceHealthServers,
-    /// The last snapshot synced, to count what changed.
+    /// The last snapshot synced, to count what changed and to sync only the difference.
     last: Option<Arc<Snapshot>>,
+    /// When the last full sync started.
+    last_full: Instant,
 }
 
 impl Syncer {
@@ -144,14 +182,28 @@ impl Syncer {
     async fn sync(&mut self, snapshot: &Arc<Snapshot>) -> bool {
         let start = Instant::now();
         let mut ok = true;
-        match self.device.sync(&host::frontend_addresses(snapshot)).await {
+        let last = self.last.as_ref().filter(|_| self.last_full.elapsed() < FULL_RESYNC);
+        let device = match last {
+            Some(last) if self.device.is_synced() => {
+                let changes = host::frontend_address_changes(last, snapshot);
+                self.device.update(&changes.add, &changes.remove).await
+            }
+            _ => self.device.sync(&host::frontend_addresses(snapshot)).await,
+        };
+        match device {
             Ok(stats) => tracing::debug!(?stats, "VIP device synced"),
             Err(error) => {
                 tracing::warn!(%error, "VIP device sync failed; will retry");
                 ok = false;
             }
         }
-        let errors = self.manager.apply(snapshot);
+        let errors = match last {
+            Some(_) => self.manager.apply_changes(snapshot),
+            None => {
+                self.last_full = start;
+                self.manager.apply(snapshot)
+            }
+        };
         ok &= errors.is_empty();
         let elapsed = start.elapsed();
         self.metrics.record_sync(elapsed);

@@ -9,7 +9,9 @@
 //!   (pure; the node reconciler calls it per snapshot).
 //! - [`VipDevice::ensure`] adopts or creates the device and applies [`configure_arp`];
 //!   [`VipDevice::sync`] makes the device's addresses equal to a wanted set, touching only the
-//!   difference; [`VipDevice::cleanup`] removes the device (`ferry node --cleanup`).
+//!   difference; [`frontend_address_changes`] and [`VipDevice::update`] do the same for one
+//!   snapshot change in time proportional to the change; [`VipDevice::cleanup`] removes the
+//!   device (`ferry node --cleanup`).
 //!
 //! Invariants:
 //! - The device is Ferry's alone: every global address on it is either wanted or removed by the
@@ -29,11 +31,17 @@
 //! (`ndisc_recv_ns` looks the target up with the receiving device), which the tests check.
 
 mod device;
+pub mod source_ip;
 mod sysctl;
 
-use std::{collections::BTreeSet, io, net::IpAddr};
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{IpAddr, SocketAddr},
+};
 
-use ferry_model::{Frontend, FrontendKey, Snapshot};
+use ferry_model::{Frontend, FrontendKey, Protocol, ServicePort, Snapshot};
+use imbl::ordmap::DiffItem;
 
 pub use self::{
     device::{DeviceKind, SyncStats, VipDevice, local_addresses},
@@ -49,15 +57,63 @@ pub use self::{
 pub fn frontend_addresses(snapshot: &Snapshot) -> BTreeSet<IpAddr> {
     let mut out = BTreeSet::new();
     for (key, port) in &snapshot.frontends {
-        let FrontendKey::Addr(_, addr) = *key else { continue };
-        let vip = port.frontends.iter().any(|f| {
-            matches!(*f, Frontend::ClusterIp(a) | Frontend::ExternalIp(a) | Frontend::LoadBalancer(a) if a == addr)
-        });
-        if vip {
+        if let FrontendKey::Addr(_, addr) = *key
+            && serves(key, port)
+        {
             out.insert(addr.ip());
         }
     }
     out
+}
+
+/// Addresses to add to and remove from the [`VipDevice`] between two snapshots
+/// ([`VipDevice::update`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressChanges {
+    /// Addresses `new` serves and `old` did not.
+    pub add: BTreeSet<IpAddr>,
+    /// Addresses `old` served and `new` does not.
+    pub remove: BTreeSet<IpAddr>,
+}
+
+/// What changes in [`frontend_addresses`] from `old` to `new`, in time proportional to the
+/// frontends that changed (persistent maps: unchanged subtrees are skipped) rather than to all
+/// of them: each address of a changed frontend is looked up in both snapshots by range.
+pub fn frontend_address_changes(old: &Snapshot, new: &Snapshot) -> AddressChanges {
+    let mut touched = BTreeSet::new();
+    for item in old.frontends.diff(&new.frontends) {
+        let (DiffItem::Add(key, _) | DiffItem::Remove(key, _) | DiffItem::Update { new: (key, _), .. }) =
+            item;
+        if let FrontendKey::Addr(_, addr) = *key {
+            touched.insert(addr.ip());
+        }
+    }
+    let mut changes = AddressChanges::default();
+    for ip in touched {
+        match (serves_address(old, ip), serves_address(new, ip)) {
+            (false, true) => changes.add.insert(ip),
+            (true, false) => changes.remove.insert(ip),
+            _ => false,
+        };
+    }
+    changes
+}
+
+/// Whether `ip` is in [`frontend_addresses`]`(snapshot)`: O(log frontends + frontends on `ip`).
+fn serves_address(snapshot: &Snapshot, ip: IpAddr) -> bool {
+    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp].into_iter().any(|protocol| {
+        let from = FrontendKey::Addr(protocol, SocketAddr::new(ip, 0));
+        let to = FrontendKey::Addr(protocol, SocketAddr::new(ip, u16::MAX));
+        snapshot.frontends.range(from..=to).any(|(key, port)| serves(key, port))
+    })
+}
+
+/// Whether frontend `key` of `port` puts its address on the device.
+fn serves(key: &FrontendKey, port: &ServicePort) -> bool {
+    let FrontendKey::Addr(_, addr) = *key else { return false };
+    port.frontends.iter().any(|f| {
+        matches!(*f, Frontend::ClusterIp(a) | Frontend::ExternalIp(a) | Frontend::LoadBalancer(a) if a == addr)
+    })
 }
 
 /// A failure to program the node. Every operation is idempotent: retrying is always safe.
@@ -82,6 +138,13 @@ pub enum HostError {
         name: String,
         /// What it is (`kind` from `IFLA_LINKINFO`, or a description).
         kind: String,
+    },
+    /// [`VipDevice::update`] without a known address set (no successful `sync` yet, or the last
+    /// call failed): call [`VipDevice::sync`] with the full set. Retrying `update` cannot help.
+    #[error("addresses of {name} not known since the last error; a full sync is needed")]
+    Unsynced {
+        /// The device name.
+        name: String,
     },
     /// The device disappeared (someone deleted it); call [`VipDevice::ensure`] again.
     #[error("link {name} vanished")]
@@ -109,6 +172,14 @@ pub enum HostError {
         #[source]
         source: io::Error,
     },
+    /// A helper program (`nft`, `ip`) failed or could not be run.
+    #[error("{command}: {detail}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its error output, or why it could not start.
+        detail: String,
+    },
 }
 
 // === impl HostError ===
@@ -119,7 +190,11 @@ impl HostError {
         match self {
             Self::Netlink { source, .. } => netlink_errno(source),
             Self::Connect(e) | Self::Sysctl { source: e, .. } => e.raw_os_error(),
-            Self::InvalidName { .. } | Self::ForeignLink { .. } | Self::LinkGone { .. } => None,
+            Self::InvalidName { .. }
+            | Self::ForeignLink { .. }
+            | Self::LinkGone { .. }
+            | Self::Unsynced { .. }
+            | Self::Command { .. } => None,
         }
     }
 
@@ -127,7 +202,7 @@ impl HostError {
     /// missing privileges, unsupported by the kernel), true otherwise.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::InvalidName { .. } | Self::ForeignLink { .. } => false,
+            Self::InvalidName { .. } | Self::ForeignLink { .. } | Self::Unsynced { .. } => false,
             _ => !matches!(
                 self.errno(),
                 Some(libc::EPERM | libc::EACCES | libc::EOPNOTSUPP | libc::EINVAL | libc::EROFS)

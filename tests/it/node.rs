@@ -411,6 +411,10 @@ async fn health_check_node_port_and_proxy_healthz_answer_like_kube_proxy() {
 fn cleanup_removes_the_vip_device() {
     let node = Netns::new("cleanup");
     node.ip(&["link", "add", "ferry0", "type", "bridge"]);
+    // What a previous `ferry node` left for source-IP preservation.
+    node.ip(&["rule", "add", "fwmark", "0xf3", "lookup", "243"]);
+    let nft = node.command("nft").args(["add", "table", "inet", "ferry"]).status().expect("nft");
+    assert!(nft.success());
     let out = node
         .command(env!("CARGO_BIN_EXE_ferry"))
         .args(["node", "--cleanup", "--vip-device", "ferry0"])
@@ -419,4 +423,51 @@ fn cleanup_removes_the_vip_device() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let link = node.command("ip").args(["link", "show", "ferry0"]).output().expect("ip link");
     assert!(!link.status.success(), "ferry0 still exists");
+    let rules = node.command("ip").args(["rule", "show"]).output().expect("ip rule");
+    assert!(!String::from_utf8_lossy(&rules.stdout).contains("lookup 243"), "policy rule left behind");
+    let tables = node.command("nft").args(["list", "tables"]).output().expect("nft");
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains("ferry"), "nft table left behind");
+}
+
+/// Answers each connection with the client address it sees, then closes.
+fn peer_echo(pod: &Netns, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    let listener = pod.tcp_listener(addr);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, peer)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(format!("{}\n", peer.ip()).as_bytes()).await;
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn external_traffic_policy_local_preserves_the_client_address_for_local_endpoints() {
+    let c = Cluster::new();
+    let backend = peer_echo(&c.pod_a, sa("10.244.1.10:8080"));
+    c.dir.write(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml(
+                "web",
+                "  type: NodePort\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n",
+                &[("http", "TCP", 80, 8080, Some(30080))]
+            ),
+            slice_yaml("web-1", "web", "IPv4", &[("10.244.1.10", "node-a", true)], &[("http", "TCP", 8080)])
+        ),
+    );
+    let _ferry = c.start(&[]);
+
+    // Outside client: the pod sees the client's own address (no SNAT), as with kube-proxy.
+    assert_eq!(
+        hello(&c.client, sa("192.168.100.1:30080")).await.expect("through the NodePort"),
+        "192.168.100.2"
+    );
+    // In-cluster traffic is short-circuited and comes from the node, as kube-proxy masquerades it.
+    let from_pod = hello(&c.pod_a, sa("10.96.0.10:80")).await.expect("through the ClusterIP");
+    assert_eq!(from_pod, "10.244.1.1", "the node's address on the pod's link");
+    backend.abort();
 }

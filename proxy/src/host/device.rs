@@ -1,8 +1,12 @@
 //! [`VipDevice`]: one local link holding every frontend address as a /32 or /128.
 //!
 //! Owns an rtnetlink connection (its task runs on the caller's tokio runtime and is aborted on
-//! drop). Reads the device's addresses from the kernel on every [`VipDevice::sync`], so there is
-//! no cached state to drift: the kernel is the record, and a restart adopts it.
+//! drop). [`VipDevice::sync`] reads the device's addresses from the kernel (the kernel is the
+//! record, and a restart adopts it) and makes them equal to a wanted set: O(addresses).
+//! [`VipDevice::update`] adds and removes given addresses without a dump: O(changes), for
+//! single-Service changes at scale. It trusts the set the last successful `sync`/`update` left
+//! (kept in the handle); any error forgets that set, so the caller must `sync` again, which
+//! re-reads the kernel and repairs whatever drifted.
 
 use std::{
     collections::BTreeSet,
@@ -13,7 +17,7 @@ use std::{
 
 use futures::{StreamExt, TryStreamExt, stream};
 use rtnetlink::{
-    Handle, LinkBridge, LinkDummy, LinkUnspec, RouteMessageBuilder,
+    AddressMessageBuilder, Handle, LinkBridge, LinkDummy, LinkUnspec, RouteMessageBuilder,
     packet_route::{
         address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
         link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
@@ -72,6 +76,9 @@ pub struct VipDevice {
     kind: DeviceKind,
     created: bool,
     sysctl_changes: Vec<sysctl::SysctlChange>,
+    /// The device's global addresses (all /32 or /128) as of the last successful `sync` or
+    /// `update`; `None` before the first and after any error.
+    current: Option<BTreeSet<IpAddr>>,
 }
 
 impl fmt::Debug for VipDevice {
@@ -126,6 +133,57 @@ impl VipDevice {
     ///
     /// Fails with [`HostError::LinkGone`] when the device was deleted behind Ferry's back.
     pub async fn sync(&mut self, want: &BTreeSet<IpAddr>) -> Result<SyncStats, HostError> {
+        self.current = None;
+        let stats = self.sync_inner(want).await?;
+        self.current = Some(want.clone());
+        Ok(stats)
+    }
+
+    /// Adds the addresses of `add` and removes those of `remove` (an address in both is added),
+    /// without reading the device: O(changes). Addresses already as wanted are left alone
+    /// (counted `unchanged`). Returns, like [`VipDevice::sync`], once added addresses are local.
+    ///
+    /// Needs the device's address set from a successful [`VipDevice::sync`] or `update`: without
+    /// one (none yet, or the last call failed) it fails with [`HostError::Unsynced`] and touches
+    /// nothing; call `sync` with the full set then.
+    pub async fn update(
+        &mut self,
+        add: &BTreeSet<IpAddr>,
+        remove: &BTreeSet<IpAddr>,
+    ) -> Result<SyncStats, HostError> {
+        let Some(mut current) = self.current.take() else {
+            return Err(HostError::Unsynced { name: self.name.clone() });
+        };
+        let mut stats = SyncStats::default();
+        let stale: Vec<IpAddr> =
+            remove.iter().copied().filter(|ip| !add.contains(ip) && current.contains(ip)).collect();
+        stats.unchanged += remove.len() - stale.len() - remove.iter().filter(|ip| add.contains(ip)).count();
+        let results: Vec<Result<bool, HostError>> = stream::iter(stale.iter().copied())
+            .map(|ip| self.del(ip, address_message(self.index, ip)))
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        for r in results {
+            stats.removed += usize::from(r?);
+        }
+        for ip in &stale {
+            current.remove(ip);
+        }
+        let missing: Vec<IpAddr> = add.iter().copied().filter(|ip| !current.contains(ip)).collect();
+        stats.unchanged += add.len() - missing.len();
+        let added_v6 = self.add_all(missing.iter().copied(), &mut stats).await?;
+        current.extend(missing);
+        self.wait_local(added_v6).await?;
+        self.current = Some(current);
+        Ok(stats)
+    }
+
+    /// Whether [`VipDevice::update`] can be used (a successful `sync` or `update` came last).
+    pub fn is_synced(&self) -> bool {
+        self.current.is_some()
+    }
+
+    async fn sync_inner(&mut self, want: &BTreeSet<IpAddr>) -> Result<SyncStats, HostError> {
         let current = self.addresses().await?;
         let mut stats = SyncStats::default();
         let mut present = BTreeSet::new();
@@ -151,9 +209,28 @@ impl VipDevice {
         }
 
         let missing = want.iter().copied().filter(|ip| !present.contains(ip));
-        let this = &*self;
-        let results: Vec<Result<(IpAddr, bool), HostError>> = stream::iter(missing)
-            .map(|ip| async move { Ok((ip, this.add(ip).await?)) })
+        let added_v6 = self.add_all(missing, &mut stats).await?;
+        self.wait_local(added_v6).await?;
+        if stats.added + stats.removed > 0 {
+            tracing::debug!(
+                device = %self.name,
+                added = stats.added,
+                removed = stats.removed,
+                unchanged = stats.unchanged,
+                "synced VIP addresses"
+            );
+        }
+        Ok(stats)
+    }
+
+    /// Adds every address of `ips` (counting into `stats`); returns the IPv6 ones added.
+    async fn add_all(
+        &self,
+        ips: impl Iterator<Item = IpAddr>,
+        stats: &mut SyncStats,
+    ) -> Result<Vec<IpAddr>, HostError> {
+        let results: Vec<Result<(IpAddr, bool), HostError>> = stream::iter(ips)
+            .map(|ip| async move { Ok((ip, self.add(ip).await?)) })
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;
@@ -169,17 +246,7 @@ impl VipDevice {
                 (_, false) => stats.unchanged += 1,
             }
         }
-        self.wait_local(added_v6).await?;
-        if stats.added + stats.removed > 0 {
-            tracing::debug!(
-                device = %self.name,
-                added = stats.added,
-                removed = stats.removed,
-                unchanged = stats.unchanged,
-                "synced VIP addresses"
-            );
-        }
-        Ok(stats)
+        Ok(added_v6)
     }
 
     /// Deletes the link `name` (`ferry node --cleanup`); `Ok(false)` if there is none. Refuses a
@@ -240,7 +307,16 @@ impl VipDevice {
         kind: DeviceKind,
         created: bool,
     ) -> Self {
-        Self { handle, _conn: conn, name: name.to_owned(), index, kind, created, sysctl_changes: Vec::new() }
+        Self {
+            handle,
+            _conn: conn,
+            name: name.to_owned(),
+            index,
+            kind,
+            created,
+            sysctl_changes: Vec::new(),
+            current: None,
+        }
     }
 
     async fn set_up(&self) -> Result<(), HostError> {
@@ -465,6 +541,14 @@ fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
             _ => None,
         })
     })
+}
+
+/// The message naming `ip` as a full-length address of link `index` (what `del` needs).
+fn address_message(index: u32, ip: IpAddr) -> AddressMessage {
+    match ip {
+        IpAddr::V4(v4) => AddressMessageBuilder::<Ipv4Addr>::new().index(index).address(v4, 32).build(),
+        IpAddr::V6(v6) => AddressMessageBuilder::<Ipv6Addr>::new().index(index).address(v6, 128).build(),
+    }
 }
 
 /// 32 for IPv4, 128 for IPv6.

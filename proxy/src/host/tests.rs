@@ -15,7 +15,7 @@ use futures::TryStreamExt;
 use rtnetlink::{
     Handle, LinkUnspec,
     packet_route::{
-        address::AddressScope,
+        address::{AddressAttribute, AddressScope},
         link::{LinkFlags, LinkMessage},
     },
 };
@@ -159,6 +159,45 @@ fn sync_touches_exactly_the_difference() {
 
         assert_eq!(dev.sync(&BTreeSet::new()).await.expect("sync"), stats(0, 4, 0));
         assert!(dev.current_addresses().await.expect("list").is_empty());
+    });
+}
+
+#[test]
+fn update_applies_only_the_given_changes() {
+    in_netns(|| async {
+        let h = handle();
+        let mut dev = VipDevice::ensure(DEV).await.expect("ensure");
+        let err = dev.update(&ips(&["10.96.0.1"]), &BTreeSet::new()).await.expect_err("no sync yet");
+        assert!(matches!(err, HostError::Unsynced { .. }), "{err}");
+        assert!(!err.is_transient());
+        assert!(dev.current_addresses().await.expect("list").is_empty(), "untouched");
+
+        dev.sync(&ips(&["10.96.0.1", "fd00::1"])).await.expect("sync");
+        assert!(dev.is_synced());
+        let (add, remove) = (ips(&["10.96.0.2", "fd00::2", "10.96.0.1"]), ips(&["fd00::1", "10.96.0.9"]));
+        assert_eq!(dev.update(&add, &remove).await.expect("update"), stats(2, 1, 2));
+        assert_eq!(dev.current_addresses().await.expect("list"), ips(&["10.96.0.1", "10.96.0.2", "fd00::2"]));
+        assert_reachable("[fd00::2]:80".parse().expect("sa")).await;
+
+        // Drift behind Ferry's back: `update` trusts its set (the delete finds nothing and
+        // counts it as not removed); a full `sync` repairs it.
+        let v4: IpAddr = "10.96.0.2".parse().expect("ip");
+        h.address().add(dev.index(), "10.96.0.50".parse().expect("ip"), 32).execute().await.expect("add");
+        let msg = h
+            .address()
+            .get()
+            .set_link_index_filter(dev.index())
+            .execute()
+            .try_filter(|m| std::future::ready(m.attributes.contains(&AddressAttribute::Local(v4))))
+            .try_next()
+            .await
+            .expect("list")
+            .expect("10.96.0.2 is there");
+        h.address().del(msg).execute().await.expect("delete behind Ferry's back");
+        assert_eq!(dev.update(&BTreeSet::new(), &ips(&["10.96.0.2"])).await.expect("update"), stats(0, 0, 0));
+        let want = ips(&["10.96.0.1", "fd00::2"]);
+        assert_eq!(dev.sync(&want).await.expect("sync"), stats(0, 1, 2));
+        assert_eq!(dev.current_addresses().await.expect("list"), want);
     });
 }
 
