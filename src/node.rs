@@ -215,9 +215,44 @@ impl Syncer {
         for error in self.service_health.sync(snapshot).await {
             tracing::warn!(%error, "healthCheckNodePort server could not bind; will retry");
         }
+        if ok && let Some(last) = &self.last {
+            self.record_programming_latency(last, snapshot);
+        }
         self.last = Some(snapshot.clone());
         tracing::debug!(version = snapshot.version, elapsed_us = elapsed.as_micros() as u64, "synced");
         ok
+    }
+}
+
+impl Syncer {
+    /// `kubeproxy_network_programming_duration_seconds`: for every service whose newest
+    /// EndpointSlice trigger time changed since the last sync, the time from that trigger to now
+    /// (the moment the data path uses the change), as kube-proxy measures it.
+    fn record_programming_latency(&self, old: &Snapshot, new: &Snapshot) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        for item in old.services.diff(&new.services) {
+            let (before, after) = match item {
+                imbl::ordmap::DiffItem::Update { old: (_, a), new: (_, b) } => {
+                    (a.last_change_trigger_time_ms, b)
+                }
+                imbl::ordmap::DiffItem::Add(_, b) => (None, b),
+                imbl::ordmap::DiffItem::Remove(..) => continue,
+            };
+            let Some(trigger) = after.last_change_trigger_time_ms.filter(|t| Some(*t) != before) else {
+                continue;
+            };
+            // A trigger time ahead of this node's clock (skew) is not a latency.
+            let Some(elapsed) = now_ms.checked_sub(trigger) else { continue };
+            let v6 = after
+                .ports
+                .first()
+                .and_then(|p| p.frontends.iter().find_map(|f| f.socket_addr()))
+                .is_some_and(|a| a.is_ipv6());
+            let family = if v6 { IpFamily::V6 } else { IpFamily::V4 };
+            self.metrics.record_network_programming(family, std::time::Duration::from_millis(elapsed));
+        }
     }
 }
 

@@ -492,6 +492,11 @@ fn build_kube_service(
         origin: Origin::Kubernetes { service_type: input.service_type.to_string() },
         ports,
         health_check_node_port: input.health_check_node_port,
+        last_change_trigger_time_ms: slices
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, s)| s.trigger_time_ms)
+            .max(),
     }
 }
 

@@ -219,6 +219,18 @@ pub(crate) struct SliceEndpoint {
 pub(crate) struct SliceInput {
     pub(crate) ports: Vec<SlicePort>,
     pub(crate) endpoints: Vec<SliceEndpoint>,
+    /// [`TRIGGER_TIME_ANNOTATION`] in Unix milliseconds, when present and valid.
+    pub(crate) trigger_time_ms: Option<u64>,
+}
+
+/// The annotation the EndpointSlice controller sets to the time of the change that caused this
+/// version of the slice; kube-proxy measures network programming latency from it.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Parses an RFC 3339 timestamp (as the annotation carries) into Unix milliseconds.
+pub fn parse_trigger_time(value: &str) -> Option<u64> {
+    let ts: jiff::Timestamp = value.trim().parse().ok()?;
+    u64::try_from(ts.as_millisecond()).ok()
 }
 
 fn protocol(p: Option<&str>) -> Option<Protocol> {
@@ -397,7 +409,13 @@ impl SliceInput {
                 })
             })
             .collect();
-        Some(Self { ports, endpoints })
+        let trigger_time_ms = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|v| parse_trigger_time(v));
+        Some(Self { ports, endpoints, trigger_time_ms })
     }
 }
 

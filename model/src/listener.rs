@@ -491,6 +491,7 @@ impl ValidListener {
             origin: Origin::Listener,
             ports: vec![Arc::new(port)],
             health_check_node_port: None,
+            last_change_trigger_time_ms: None,
         }
     }
 

@@ -327,6 +327,10 @@ pub struct Service {
     pub ports: Vec<Arc<ServicePort>>,
     /// `spec.healthCheckNodePort` (LoadBalancer with `externalTrafficPolicy: Local`).
     pub health_check_node_port: Option<u16>,
+    /// The newest `endpoints.kubernetes.io/last-change-trigger-time` of the service's
+    /// EndpointSlices, in Unix milliseconds: when the change this version reflects was triggered.
+    /// The node proxy measures network programming latency from it.
+    pub last_change_trigger_time_ms: Option<u64>,
 }
 
 mod duration_secs {

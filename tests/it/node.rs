@@ -471,3 +471,62 @@ async fn external_traffic_policy_local_preserves_the_client_address_for_local_en
     assert_eq!(from_pod, "10.244.1.1", "the node's address on the pod's link");
     backend.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn network_programming_latency_is_measured_from_the_slice_trigger_time() {
+    let c = Cluster::new();
+    let _a = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a");
+    let _b = Cluster::tcp_backend(&c.pod_b, "10.244.2.10", 8080, "b");
+    c.dir.write(
+        "web.yaml",
+        &service_yaml("web", "  clusterIP: 10.96.0.10\n", &[("http", "TCP", 80, 8080, None)]),
+    );
+    c.dir.write(
+        "slice.yaml",
+        &slice_yaml("web-1", "web", "IPv4", &[("10.244.1.10", "node-a", true)], &[("http", "TCP", 8080)]),
+    );
+    let ferry = c.start(&[]);
+    let version = ferry.snapshot()["version"].as_u64().expect("version");
+
+    // The EndpointSlice controller stamps the change 2 s before ferry sees it.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let trigger = now - 2;
+    let (days, secs) = (trigger / 86_400, trigger % 86_400);
+    let stamp = civil(days, secs);
+    let slice = slice_yaml(
+        "web-1",
+        "web",
+        "IPv4",
+        &[("10.244.1.10", "node-a", true), ("10.244.2.10", "node-b", true)],
+        &[("http", "TCP", 8080)],
+    )
+    .replace(
+        "  labels: {kubernetes.io/service-name: web}\n",
+        &format!(
+            "  labels: {{kubernetes.io/service-name: web}}\n  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{stamp}\"}}\n"
+        ),
+    );
+    c.dir.write("slice.yaml", &slice);
+    ferry.wait_version(version + 1);
+    assert_eq!(names(&c.pod_a, sa("10.96.0.10:80"), 12).await, set(&["a", "b"]));
+
+    let count = ferry.metric("kubeproxy_network_programming_duration_seconds_count", &[]);
+    let sum = ferry.metric("kubeproxy_network_programming_duration_seconds_sum", &[]);
+    assert!(count >= 1.0, "no network programming latency recorded");
+    assert!((2.0..30.0).contains(&sum), "latency {sum}s should be about 2 s");
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for Unix `days` and seconds of day (proleptic Gregorian).
+fn civil(days: u64, secs: u64) -> String {
+    // Howard Hinnant's days_from_civil, inverted.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+}

@@ -219,3 +219,11 @@ fn interner_prunes_unreferenced() {
     assert_eq!(interner.0.len(), 1);
     assert!(Arc::ptr_eq(&kept, &interner.get("a")));
 }
+
+#[test]
+fn trigger_time_annotation_parses_rfc3339_into_unix_milliseconds() {
+    assert_eq!(super::parse_trigger_time("1970-01-01T00:00:01Z"), Some(1000));
+    assert_eq!(super::parse_trigger_time("2026-11-29T04:38:50.25Z"), Some(1_795_927_130_250));
+    assert_eq!(super::parse_trigger_time("2026-11-29T05:38:50+01:00"), Some(1_795_927_130_000));
+    assert_eq!(super::parse_trigger_time("yesterday"), None);
+}
