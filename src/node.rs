@@ -124,7 +124,9 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         last: None,
         last_full: Instant::now(),
     };
-    syncer.sync(&snapshot).await;
+    // A frontend that cannot be bound yet (or a device error) is retried below, as kube-proxy
+    // retries a failed sync; every other frontend is served meanwhile.
+    let mut failed = !syncer.sync(&snapshot).await;
     daemon.serving();
     tracing::info!(
         version = snapshot.version,
@@ -133,7 +135,6 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     );
 
     let mut updates = daemon.snapshots.subscribe();
-    let mut failed = false;
     loop {
         tokio::select! {
             () = daemon.shutdown.cancelled() => break,
