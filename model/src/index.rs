@@ -35,7 +35,9 @@ use crate::{
     endpoint::Endpoint,
     kube::{self, Interner, ServiceInput, ServiceKind, SliceInput},
     listener::ValidListener,
-    service::{Frontend, FrontendKey, Origin, PassiveHealth, Service, ServiceKey, ServicePort, Timeouts},
+    service::{
+        Frontend, FrontendKey, IpFamily, Origin, PassiveHealth, Service, ServiceKey, ServicePort, Timeouts,
+    },
     snapshot::Snapshot,
     topology,
 };
@@ -321,7 +323,7 @@ impl Index {
             if let Some(old) = &old {
                 for port in &old.ports {
                     for fe in &port.frontends {
-                        let fk = fe.key(port.protocol);
+                        let fk = fe.key(port.protocol, port.family());
                         if let Some(c) = self.claims.get_mut(&fk) {
                             c.retain(|(k, _)| *k != key);
                         }
@@ -333,7 +335,7 @@ impl Index {
                 Some(new) => {
                     for port in &new.ports {
                         for fe in &port.frontends {
-                            let fk = fe.key(port.protocol);
+                            let fk = fe.key(port.protocol, port.family());
                             let c = self.claims.entry(fk).or_default();
                             if let Err(i) = c.binary_search_by(|(k, _)| k.cmp(&key)) {
                                 c.insert(i, (key.clone(), port.clone()));
@@ -421,8 +423,9 @@ impl Index {
         let Some(input) = self.services.get(key) else {
             return (listener.map(|l| l.to_service(|h| self.resolved.get(h).cloned())), Vec::new());
         };
-        let shadowed =
-            listener.map(|l| vec![Frontend::Listener(l.address).key(l.protocol)]).unwrap_or_default();
+        let shadowed = listener
+            .map(|l| vec![Frontend::Listener(l.address).key(l.protocol, IpFamily::of(l.address.ip()))])
+            .unwrap_or_default();
         let mut svc = build_kube_service(key, input, self.slices.get(key), self.node.as_ref());
         if let Some(old) = old {
             for (i, port) in svc.ports.iter_mut().enumerate() {
@@ -460,7 +463,7 @@ fn build_kube_service(
                 ports.push(make_port(key, input, p, Vec::new(), Vec::new(), endpoints, node, false));
             }
             ServiceKind::Proxied => {
-                for (i, &v4) in families.iter().enumerate() {
+                for &v4 in &families {
                     let fam = |ip: &IpAddr| ip.is_ipv4() == v4;
                     let sock = |ip: &IpAddr| SocketAddr::new(*ip, p.port);
                     let mut frontends: Vec<Frontend> = input
@@ -469,9 +472,9 @@ fn build_kube_service(
                         .filter(|ip| fam(ip))
                         .map(|ip| Frontend::ClusterIp(sock(ip)))
                         .collect();
-                    if i == 0 {
-                        frontends.extend(p.node_port.map(Frontend::NodePort));
-                    }
+                    // Both family ports of a dual-stack Service carry the NodePort: it is served on
+                    // the node addresses of each family (keys differ by family).
+                    frontends.extend(p.node_port.map(Frontend::NodePort));
                     let lb = input.load_balancer_ips.iter().filter(|ip| fam(ip));
                     frontends.extend(lb.map(|ip| Frontend::LoadBalancer(sock(ip))));
                     let ext = input.external_ips.iter().filter(|ip| fam(ip));

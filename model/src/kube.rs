@@ -31,9 +31,10 @@
 //! **Address families.** kube-proxy runs one proxier per family, so an IPv4 ClusterIP only ever
 //! uses IPv4 endpoints. Ferry splits each `spec.ports` entry of a dual-stack service into one
 //! [`ServicePort`](crate::service::ServicePort) per family (in `spec.clusterIPs` order), each with the
-//! frontends and endpoints of that family only, so the data plane never filters. A NodePort has no
-//! family; it is attached to the primary family's port only (a userspace proxy can accept it on any
-//! node address). Single-stack services get exactly one `ServicePort` per `spec.ports` entry.
+//! frontends and endpoints of that family only, so the data plane never filters. Both family ports
+//! carry the NodePort; its frontend key includes the family, so each is served on the node
+//! addresses of its own family. Single-stack services get exactly one `ServicePort` per
+//! `spec.ports` entry.
 
 use std::{
     collections::{BTreeMap, HashSet},

@@ -26,7 +26,7 @@ pub use endpoint::{Endpoint, EndpointHints, Endpoints, TopologyMode};
 pub use index::{Index, NodeInfo, NodeStatus};
 pub use listener::{Backend, Listener, ListenerSpec};
 pub use service::{
-    Balancing, Frontend, FrontendKey, HealthCheck, HealthCheckKind, Origin, PassiveHealth, Protocol, Service,
-    ServiceKey, ServicePort, SessionAffinity, Timeouts, TrafficPolicy,
+    Balancing, Frontend, FrontendKey, HealthCheck, HealthCheckKind, IpFamily, Origin, PassiveHealth,
+    Protocol, Service, ServiceKey, ServicePort, SessionAffinity, Timeouts, TrafficPolicy,
 };
 pub use snapshot::Snapshot;

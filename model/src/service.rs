@@ -72,6 +72,24 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// An IP address family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum IpFamily {
+    /// IPv4.
+    #[serde(rename = "IPv4")]
+    V4,
+    /// IPv6.
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl IpFamily {
+    /// The family of `ip`.
+    pub fn of(ip: std::net::IpAddr) -> Self {
+        if ip.is_ipv4() { Self::V4 } else { Self::V6 }
+    }
+}
+
 /// Where a [`Service`] came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -227,10 +245,11 @@ impl Frontend {
         }
     }
 
-    /// The frontend-index key of this frontend on a port of `protocol`.
-    pub fn key(&self, protocol: Protocol) -> FrontendKey {
+    /// The frontend-index key of this frontend on a port of `protocol` and `family` (a NodePort
+    /// is served per family: a dual-stack Service's two family ports each own one key).
+    pub fn key(&self, protocol: Protocol, family: IpFamily) -> FrontendKey {
         match *self {
-            Self::NodePort(port) => FrontendKey::NodePort(protocol, port),
+            Self::NodePort(port) => FrontendKey::NodePort(protocol, port, family),
             Self::ClusterIp(a) | Self::LoadBalancer(a) | Self::ExternalIp(a) | Self::Listener(a) => {
                 FrontendKey::Addr(protocol, a)
             }
@@ -244,16 +263,17 @@ impl Frontend {
 pub enum FrontendKey {
     /// An address-bearing frontend (ClusterIP, LoadBalancer, externalIP, listener).
     Addr(Protocol, SocketAddr),
-    /// A NodePort, served on every node address.
-    NodePort(Protocol, u16),
+    /// A NodePort, served on the node addresses of one family.
+    NodePort(Protocol, u16, IpFamily),
 }
 
 impl fmt::Display for FrontendKey {
-    /// `TCP 10.96.0.1:80`, `UDP [fd00::1]:53`, `TCP nodePort 30080`.
+    /// `TCP 10.96.0.1:80`, `UDP [fd00::1]:53`, `TCP nodePort 30080`, `TCP nodePort 30080/IPv6`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Addr(protocol, addr) => write!(f, "{protocol} {addr}"),
-            Self::NodePort(protocol, port) => write!(f, "{protocol} nodePort {port}"),
+            Self::NodePort(protocol, port, IpFamily::V4) => write!(f, "{protocol} nodePort {port}"),
+            Self::NodePort(protocol, port, IpFamily::V6) => write!(f, "{protocol} nodePort {port}/IPv6"),
         }
     }
 }
@@ -302,6 +322,17 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    /// The port's address family: that of its frontends' addresses (a Service gets one port per
+    /// family), else of its endpoints; IPv4 when it has neither.
+    pub fn family(&self) -> IpFamily {
+        self.frontends
+            .iter()
+            .find_map(Frontend::socket_addr)
+            .map(|a| a.ip())
+            .or_else(|| self.endpoints.all.first().map(|e| e.addr.ip()))
+            .map_or(IpFamily::V4, IpFamily::of)
+    }
+
     /// A display name for logs and metric labels: the listener's name for a listener, else
     /// `ns/name:port-name`, or `ns/name:port` for an unnamed port.
     pub fn display_name(&self) -> String {

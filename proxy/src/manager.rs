@@ -305,7 +305,7 @@ impl Manager {
         let mut out = Vec::new();
         for fk in keys {
             let first = want.len();
-            let (FrontendKey::Addr(protocol, _) | FrontendKey::NodePort(protocol, _)) = *fk;
+            let (FrontendKey::Addr(protocol, _) | FrontendKey::NodePort(protocol, ..)) = *fk;
             if let Some(port) = snapshot.frontends.get(fk)
                 && protocol != Protocol::Sctp
             {
@@ -433,7 +433,7 @@ impl Manager {
     /// through the port's own frontends.
     fn sibling(&self, port: &Arc<ServicePort>) -> Option<Arc<Upstreams>> {
         port.frontends.iter().find_map(|f| {
-            self.of(f.key(port.protocol))
+            self.of(f.key(port.protocol, port.family()))
                 .find(|(_, r)| Arc::ptr_eq(&r.port, port) || *r.port == **port)
                 .map(|(_, r)| r.state.upstreams())
         })
@@ -447,7 +447,7 @@ impl Manager {
         sibling: Option<&Upstreams>,
     ) -> Result<Running, (String, Error)> {
         let name = port.display_name();
-        let (FrontendKey::Addr(protocol, _) | FrontendKey::NodePort(protocol, _)) = key.0;
+        let (FrontendKey::Addr(protocol, _) | FrontendKey::NodePort(protocol, ..)) = key.0;
         let addr = key.1;
         let socket = bind(protocol, addr, binding.freebind)
             .map_err(|source| (name.clone(), Error::Bind { addr, source }))?;

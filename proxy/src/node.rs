@@ -51,10 +51,9 @@
 //! enabled) still carries the full client address. Short-circuited (in-cluster) clients and
 //! `externalTrafficPolicy: Cluster` connect from a node address, as kube-proxy masquerades them.
 //!
-//! NodePort family: a NodePort belongs to one `ServicePort`, whose family is that of its
-//! ClusterIPs (a dual-stack Service's NodePort is attached to its primary family only, see
-//! `ferry_model::kube`), and is bound on the node-port addresses of that family only, as
-//! kube-proxy's per-family proxiers do.
+//! NodePort family: a NodePort frontend key carries the family of its `ServicePort` (that of its
+//! ClusterIPs; a dual-stack Service has one port per family, see `ferry_model::kube`), and is
+//! bound on the node-port addresses of that family only, as kube-proxy's per-family proxiers do.
 
 pub mod proxy_protocol;
 
@@ -195,7 +194,7 @@ impl FrontendFilter for NodeFrontends {
             return;
         }
         match *key {
-            FrontendKey::NodePort(_, node_port) => {
+            FrontendKey::NodePort(_, node_port, _) => {
                 if !port.frontends.contains(&Frontend::NodePort(node_port)) {
                     return;
                 }

@@ -530,3 +530,36 @@ fn civil(days: u64, secs: u64) -> String {
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dual_stack_service_serves_its_node_port_on_both_families() {
+    let c = Cluster::new();
+    let _a4 = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a4");
+    let _a6 = Cluster::tcp_backend(&c.pod_a, "fd00:244:1::10", 8080, "a6");
+    c.dir.write(
+        "web.yaml",
+        &format!(
+            "{}---\n{}---\n{}",
+            service_yaml(
+                "web",
+                "  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  \
+                 clusterIP: 10.96.0.10\n  clusterIPs: [\"10.96.0.10\", \"fd00:96::10\"]\n",
+                &[("http", "TCP", 80, 8080, Some(30082))]
+            ),
+            slice_yaml("web-v4", "web", "IPv4", &[("10.244.1.10", "node-a", true)], &[("http", "TCP", 8080)]),
+            slice_yaml(
+                "web-v6",
+                "web",
+                "IPv6",
+                &[("fd00:244:1::10", "node-a", true)],
+                &[("http", "TCP", 8080)]
+            )
+        ),
+    );
+    let _ferry = c.start(&[]);
+    // Each family's node address reaches that family's endpoints, as kube-proxy's per-family proxiers.
+    assert_eq!(hello(&c.client, sa("192.168.100.1:30082")).await.expect("IPv4 NodePort"), "a4");
+    assert_eq!(hello(&c.client, sa("[fd00:100::1]:30082")).await.expect("IPv6 NodePort"), "a6");
+    assert_eq!(hello(&c.pod_a, sa("10.96.0.10:80")).await.expect("IPv4 ClusterIP"), "a4");
+    assert_eq!(hello(&c.pod_a, sa("[fd00:96::10]:80")).await.expect("IPv6 ClusterIP"), "a6");
+}

@@ -198,6 +198,7 @@ fn dual_stack_splits_ports_per_family() {
         v4.frontends,
         [
             Frontend::ClusterIp(sa("10.96.0.1:80")),
+            Frontend::NodePort(30080),
             Frontend::LoadBalancer(sa("198.51.100.1:80")),
             Frontend::ExternalIp(sa("192.0.2.1:80"))
         ]
@@ -205,8 +206,10 @@ fn dual_stack_splits_ports_per_family() {
     assert_eq!(endpoint_addrs(v6), [sa("[fd01::1]:8080")]);
     assert_eq!(endpoint_addrs(v4), [sa("10.0.0.1:8080")]);
     assert_eq!(v4.load_balancer_source_ranges, ["10.0.0.0/8".parse::<ipnet::IpNet>().expect("net")]);
-    assert!(Arc::ptr_eq(&s.frontends[&FrontendKey::NodePort(Protocol::Tcp, 30080)], v6));
-    assert_eq!(s.frontends.len(), 6);
+    // Each family port owns the NodePort on its family's node addresses.
+    assert!(Arc::ptr_eq(&s.frontends[&FrontendKey::NodePort(Protocol::Tcp, 30080, IpFamily::V6)], v6));
+    assert!(Arc::ptr_eq(&s.frontends[&FrontendKey::NodePort(Protocol::Tcp, 30080, IpFamily::V4)], v4));
+    assert_eq!(s.frontends.len(), 7);
 }
 
 #[test]

@@ -485,7 +485,7 @@ fn frontend_addresses_takes_cluster_external_and_lb_ips_only() {
 
     let mut snap = Snapshot::default();
     for fe in &svc.frontends {
-        snap.frontends.insert(fe.key(Protocol::Tcp), svc.clone());
+        snap.frontends.insert(fe.key(Protocol::Tcp, ferry_model::IpFamily::V4), svc.clone());
     }
     snap.frontends.insert(FrontendKey::Addr(Protocol::Tcp, sa("203.0.113.1:80")), listener);
     snap.frontends.insert(FrontendKey::Addr(Protocol::Tcp, sa("10.96.0.99:80")), shadowing);

@@ -463,7 +463,7 @@ async fn local_policy_without_local_endpoints_drops() {
     let svc = etp_local_service("drop", 7, json!({}));
     node.apply(&svc, &slices("drop", "tcp", "TCP", &[(remote, OTHER, true)]), &[]);
     let node_port = sa("127.77.7.20:30070");
-    let key = FrontendKey::NodePort(Protocol::Tcp, 30070);
+    let key = FrontendKey::NodePort(Protocol::Tcp, 30070, ferry_model::IpFamily::V4);
 
     // External client: handshake, then silence (no bytes, no reset), then FIN at the bound.
     let started = Instant::now();
