@@ -163,7 +163,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
         return;
     }
 
+    // `biased`: poll the relay first and skip select's per-poll random number; the drain token
+    // is only a backstop.
     let outcome = tokio::select! {
+        biased;
         r = relay(&client, &server, &state, zero_copy) => Some(r),
         () = drain.cancelled() => None,
     };
