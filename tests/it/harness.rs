@@ -368,6 +368,11 @@ impl Drop for UdpBackend {
 /// Connects through ferry and returns the backend name from the greeting line.
 pub async fn tcp_hello(addr: SocketAddr) -> std::io::Result<String> {
     let mut s = tokio::time::timeout(DEADLINE, tokio::net::TcpStream::connect(addr)).await??;
+    read_greeting(&mut s).await
+}
+
+/// Reads a backend's greeting line (its name), byte by byte so nothing after it is consumed.
+pub async fn read_greeting(s: &mut tokio::net::TcpStream) -> std::io::Result<String> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
@@ -376,11 +381,10 @@ pub async fn tcp_hello(addr: SocketAddr) -> std::io::Result<String> {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before greeting"));
         }
         if byte[0] == b'\n' {
-            break;
+            return Ok(String::from_utf8_lossy(&line).into_owned());
         }
         line.push(byte[0]);
     }
-    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 /// An HTTP/1.0 backend answering every request with `status` and its name as the body.

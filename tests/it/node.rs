@@ -11,8 +11,6 @@
 
 use std::{collections::HashSet, net::SocketAddr, time::Duration};
 
-use tokio::io::AsyncReadExt;
-
 use crate::{
     harness::*,
     netns::{Netns, veth},
@@ -146,19 +144,7 @@ pub fn slice_yaml(
 }
 
 pub async fn hello(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
-    let mut s = ns.tcp_connect(to)?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        let n = tokio::time::timeout(DEADLINE, s.read(&mut byte)).await??;
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before greeting"));
-        }
-        if byte[0] == b'\n' {
-            return Ok(String::from_utf8_lossy(&line).into_owned());
-        }
-        line.push(byte[0]);
-    }
+    read_greeting(&mut ns.tcp_connect(to)?).await
 }
 
 pub async fn names(ns: &Netns, to: SocketAddr, n: usize) -> HashSet<String> {

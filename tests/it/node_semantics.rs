@@ -120,24 +120,8 @@ async fn connect_from(ns: &Netns, src: IpAddr, to: SocketAddr) -> std::io::Resul
     }
 }
 
-/// Reads the backend's greeting line.
-async fn greeting(s: &mut TcpStream) -> std::io::Result<String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        let n = tokio::time::timeout(DEADLINE, s.read(&mut byte)).await??;
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before greeting"));
-        }
-        if byte[0] == b'\n' {
-            return Ok(String::from_utf8_lossy(&line).into_owned());
-        }
-        line.push(byte[0]);
-    }
-}
-
 async fn hello_from(ns: &Netns, src: IpAddr, to: SocketAddr) -> std::io::Result<String> {
-    greeting(&mut connect_from(ns, src, to).await?).await
+    read_greeting(&mut connect_from(ns, src, to).await?).await
 }
 
 /// Asserts that a connection attempt is dropped: the SYN goes unanswered, or the connection is
@@ -936,7 +920,7 @@ async fn proxy_protocol_v2_carries_the_real_client_address() {
         let mut s = ns.tcp_connect(to).unwrap_or_else(|e| panic!("{to} from {}: {e}", ns.name));
         let local = s.local_addr().expect("local addr");
         s.write_all(b"hi\n").await.expect("write");
-        assert_eq!(greeting(&mut s).await.expect("backend answered after the header"), "pp");
+        assert_eq!(read_greeting(&mut s).await.expect("backend answered after the header"), "pp");
         let (h, data) = seen.lock().expect("lock").pop().expect("a header");
         assert_eq!(h, expected_v2(local, to), "PROXY v2 header for {to} from {} ({local})", ns.name);
         assert_eq!(data, b"hi\n", "the client's bytes follow the header");
@@ -1005,7 +989,7 @@ async fn restart_adopts_the_vip_device_without_a_gap() {
     );
     let mut first = c.start(&[]);
     let mut conn = c.pod_a.tcp_connect(sa("10.96.0.10:80")).expect("connect");
-    assert_eq!(greeting(&mut conn).await.expect("greeting"), "a");
+    assert_eq!(read_greeting(&mut conn).await.expect("greeting"), "a");
 
     // Watch every address deletion in the node namespace from before the stop until after the
     // second start. A marker address proves the monitor is listening before we go on.
