@@ -5,6 +5,7 @@
 
 mod admin;
 mod check;
+mod deploy;
 mod harness;
 mod lb_config;
 mod lb_health;
