@@ -92,6 +92,12 @@ pub(crate) struct NodeArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub(crate) preserve_source_ip: bool,
 
+    /// Handle only Services labelled `service.kubernetes.io/service-proxy-name: NAME` (kube-proxy
+    /// skips those), e.g. to run beside kube-proxy on the same node for a subset of Services.
+    /// Without it, Ferry handles the unlabelled Services, as kube-proxy does.
+    #[arg(long)]
+    pub(crate) service_proxy_name: Option<String>,
+
     /// Remove everything Ferry added to the node (the VIP device, the source-IP rules) and exit.
     #[arg(long)]
     pub(crate) cleanup: bool,

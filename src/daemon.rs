@@ -63,6 +63,7 @@ impl Daemon {
     pub(crate) async fn start(
         config: PathBuf,
         node: Option<String>,
+        proxy_name: Option<String>,
         run: &RunArgs,
         metrics: PrometheusHandle,
         extra_admin: &[std::net::SocketAddr],
@@ -71,7 +72,12 @@ impl Daemon {
         let (publisher, snapshots) = ferry_watch::publisher();
         let (source, reload) = FileSource::new(
             config.clone(),
-            FileSourceOptions { node, debounce: run.reload_debounce, resolve_interval: run.resolve_interval },
+            FileSourceOptions {
+                node,
+                debounce: run.reload_debounce,
+                resolve_interval: run.resolve_interval,
+                proxy_name,
+            },
         );
 
         let serving = Arc::new(AtomicBool::new(false));

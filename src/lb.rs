@@ -21,7 +21,7 @@ pub(crate) fn run(args: LbArgs) -> anyhow::Result<()> {
 
 async fn serve(args: LbArgs) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics()?;
-    let Some(daemon) = Daemon::start(args.config.clone(), None, &args.run, metrics, &[]).await? else {
+    let Some(daemon) = Daemon::start(args.config.clone(), None, None, &args.run, metrics, &[]).await? else {
         return Ok(());
     };
 

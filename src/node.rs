@@ -60,9 +60,15 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--config and --node-name are required");
     };
     let metrics = telemetry::init_metrics()?;
-    let Some(daemon) =
-        Daemon::start(config, Some(node_name.clone()), &args.run, metrics, &[args.metrics_bind_address])
-            .await?
+    let Some(daemon) = Daemon::start(
+        config,
+        Some(node_name.clone()),
+        args.service_proxy_name.clone(),
+        &args.run,
+        metrics,
+        &[args.metrics_bind_address],
+    )
+    .await?
     else {
         return Ok(());
     };

@@ -73,11 +73,11 @@ pub const ZERO_COPY_ANNOTATION: &str = "ferry.ethercluster.io/zero-copy";
 /// Whether a proxy named `proxy_name` handles an object with these labels.
 ///
 /// kube-proxy's informer selectors: an object with the `service.kubernetes.io/headless` label is
-/// skipped; an object with `service.kubernetes.io/service-proxy-name` is skipped unless its value
-/// is our name (a proxy without a name, like kube-proxy, skips every object that has the label).
+/// skipped. A proxy without a name (kube-proxy, and Ferry by default) handles exactly the objects
+/// without `service.kubernetes.io/service-proxy-name`; a named proxy handles exactly the objects
+/// labelled with its name (as Cilium's `serviceProxyName`), so the two can share a node.
 pub fn is_proxied_by(labels: Option<&BTreeMap<String, String>>, proxy_name: Option<&str>) -> bool {
-    let Some(labels) = labels else { return true };
-    !labels.contains_key(HEADLESS_LABEL) && matches_proxy_name(Some(labels), proxy_name)
+    !labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) && matches_proxy_name(labels, proxy_name)
 }
 
 /// The `service-proxy-name` half of [`is_proxied_by`].
@@ -85,9 +85,10 @@ pub(crate) fn matches_proxy_name(
     labels: Option<&BTreeMap<String, String>>,
     proxy_name: Option<&str>,
 ) -> bool {
-    match labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
-        None => true,
-        Some(value) => proxy_name.is_some_and(|ours| ours == value),
+    match (labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)), proxy_name) {
+        (None, None) => true,
+        (Some(value), Some(ours)) => value == ours,
+        (None, Some(_)) | (Some(_), None) => false,
     }
 }
 

@@ -549,3 +549,38 @@ async fn dual_stack_service_serves_its_node_port_on_both_families() {
     assert_eq!(hello(&c.pod_a, sa("10.96.0.10:80")).await.expect("IPv4 ClusterIP"), "a4");
     assert_eq!(hello(&c.pod_a, sa("[fd00:96::10]:80")).await.expect("IPv6 ClusterIP"), "a6");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_proxy_name_selects_which_services_this_proxy_handles() {
+    let c = Cluster::new();
+    let _a = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a");
+    let slice = |name: &str, svc: &str| {
+        slice_yaml(name, svc, "IPv4", &[("10.244.1.10", "node-a", true)], &[("http", "TCP", 8080)])
+    };
+    let labelled = service_yaml("mine", "  clusterIP: 10.96.0.31\n", &[("http", "TCP", 80, 8080, None)])
+        .replace(
+            "  namespace: default\n",
+            "  namespace: default\n  labels: {service.kubernetes.io/service-proxy-name: ferry}\n",
+        );
+    // The EndpointSlice controller copies the Service's labels onto its slices.
+    let labelled_slice = slice("mine-1", "mine").replace(
+        "labels: {kubernetes.io/service-name: mine}",
+        "labels: {kubernetes.io/service-name: mine, service.kubernetes.io/service-proxy-name: ferry}",
+    );
+    c.dir.write("mine.yaml", &format!("{labelled}---\n{labelled_slice}"));
+    c.dir.write(
+        "theirs.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml("theirs", "  clusterIP: 10.96.0.32\n", &[("http", "TCP", 80, 8080, None)]),
+            slice("theirs-1", "theirs")
+        ),
+    );
+    let _ferry = c.start(&["--service-proxy-name", "ferry"]);
+
+    assert_eq!(hello(&c.pod_a, sa("10.96.0.31:80")).await.expect("the labelled Service"), "a");
+    // The unlabelled Service is left to kube-proxy: not on the device, not bound.
+    let out = c.node.command("ip").args(["-o", "addr", "show", "dev", "ferry0"]).output().expect("ip addr");
+    let addrs = String::from_utf8_lossy(&out.stdout);
+    assert!(addrs.contains("10.96.0.31/32") && !addrs.contains("10.96.0.32"), "{addrs}");
+}

@@ -50,6 +50,9 @@ pub struct FileSourceOptions {
     pub debounce: Duration,
     /// How often backend host names are re-resolved.
     pub resolve_interval: Duration,
+    /// This proxy's `service.kubernetes.io/service-proxy-name`: `None` handles Services without
+    /// the label (kube-proxy's default); a name handles only Services labelled with it.
+    pub proxy_name: Option<String>,
 }
 
 /// Loads, watches and reloads a manifest directory. Consumed by [`FileSource::run`].
@@ -93,7 +96,12 @@ pub enum SourceError {
 
 impl Default for FileSourceOptions {
     fn default() -> Self {
-        Self { node: None, debounce: Duration::from_millis(200), resolve_interval: Duration::from_secs(30) }
+        Self {
+            node: None,
+            debounce: Duration::from_millis(200),
+            resolve_interval: Duration::from_secs(30),
+            proxy_name: None,
+        }
     }
 }
 
@@ -130,10 +138,12 @@ impl FileSource {
         let _watcher = watch_dir(&self.dir, events.clone());
         let manifests = manifest::load_dir(&self.dir).inspect_err(|e| self.failed(e))?;
 
+        let mut index = Index::new(None);
+        index.set_proxy_name(self.options.proxy_name.as_deref());
         let mut state = State {
             dir: self.dir.clone(),
             node: self.options.node.clone(),
-            index: Index::new(None),
+            index,
             publisher,
             status: self.status.clone(),
             keys: Keys::default(),

@@ -26,7 +26,11 @@ fn proxy_name_label_rule() {
     assert!(!is_proxied_by(Some(&named), None), "a proxy without a name skips every labelled service");
     assert!(is_proxied_by(Some(&named), Some("ferry")));
     assert!(!is_proxied_by(Some(&named), Some("other")));
-    assert!(is_proxied_by(Some(&labels(&[])), Some("ferry")), "unlabelled services are everyone's");
+    assert!(
+        !is_proxied_by(Some(&labels(&[])), Some("ferry")),
+        "a named proxy leaves unlabelled services to the default proxy, so both can share a node"
+    );
+    assert!(!is_proxied_by(None, Some("ferry")));
 }
 
 #[test]
