@@ -104,11 +104,23 @@ pub fn node_yaml() -> String {
     )
 }
 
-/// A Service; `ports` are `(name, protocol, port, targetPort, nodePort)`.
-pub fn service_yaml(name: &str, spec_extra: &str, ports: &[(&str, &str, u16, u16, Option<u16>)]) -> String {
-    let mut y = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n{spec_extra}  ports:\n"
-    );
+/// A Service with free-form metadata/spec/status additions; `ports` are
+/// `(name, protocol, port, targetPort, nodePort)`, `targetPort` verbatim (a number or a name).
+pub fn service(
+    name: &str,
+    annotations: &[(&str, &str)],
+    spec_extra: &str,
+    ports: &[(&str, &str, u16, &str, Option<u16>)],
+    status: &str,
+) -> String {
+    let mut y = format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n");
+    if !annotations.is_empty() {
+        y.push_str("  annotations:\n");
+        for (k, v) in annotations {
+            y.push_str(&format!("    {k}: \"{v}\"\n"));
+        }
+    }
+    y.push_str(&format!("spec:\n{spec_extra}  ports:\n"));
     for (pname, proto, port, target, node_port) in ports {
         y.push_str(&format!("  - {{name: {pname}, protocol: {proto}, port: {port}, targetPort: {target}"));
         if let Some(np) = node_port {
@@ -116,10 +128,57 @@ pub fn service_yaml(name: &str, spec_extra: &str, ports: &[(&str, &str, u16, u16
         }
         y.push_str("}\n");
     }
+    if !status.is_empty() {
+        y.push_str(&format!("status:\n{status}"));
+    }
     y
 }
 
-/// An EndpointSlice for `service`; `endpoints` are `(ip, node, ready)`; `ports` `(name, protocol, port)`.
+/// One EndpointSlice endpoint: `conditions` and `extra` are flow-mapping fragments.
+pub fn ep(ip: &str, node: &str, conditions: &str, extra: &str) -> String {
+    let extra = if extra.is_empty() { String::new() } else { format!(", {extra}") };
+    format!("{{addresses: [\"{ip}\"], nodeName: {node}, conditions: {{{conditions}}}{extra}}}")
+}
+
+/// A Ready endpoint.
+pub fn ready(ip: &str, node: &str) -> String {
+    ep(ip, node, "ready: true", "")
+}
+
+/// An EndpointSlice with endpoints from [`ep`]; `ports` are `(name, protocol, port)`.
+pub fn slice(
+    name: &str,
+    service: &str,
+    family: &str,
+    endpoints: &[String],
+    ports: &[(&str, &str, u16)],
+) -> String {
+    let mut y = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: {service}}}\naddressType: {family}\nendpoints:\n"
+    );
+    for e in endpoints {
+        y.push_str(&format!("- {e}\n"));
+    }
+    y.push_str("ports:\n");
+    for (pname, proto, port) in ports {
+        y.push_str(&format!("- {{name: {pname}, protocol: {proto}, port: {port}}}\n"));
+    }
+    y
+}
+
+pub fn docs(parts: &[String]) -> String {
+    parts.join("---\n")
+}
+
+/// The common case of [`service`]: no annotations or status, numeric target ports.
+pub fn service_yaml(name: &str, spec_extra: &str, ports: &[(&str, &str, u16, u16, Option<u16>)]) -> String {
+    let targets: Vec<String> = ports.iter().map(|p| p.3.to_string()).collect();
+    let ports: Vec<_> = ports.iter().zip(&targets).map(|(p, t)| (p.0, p.1, p.2, t.as_str(), p.4)).collect();
+    service(name, &[], spec_extra, &ports, "")
+}
+
+/// The common case of [`slice`]: endpoints as `(ip, node, ready)`.
 pub fn slice_yaml(
     name: &str,
     service: &str,
@@ -127,20 +186,9 @@ pub fn slice_yaml(
     endpoints: &[(&str, &str, bool)],
     ports: &[(&str, &str, u16)],
 ) -> String {
-    let mut y = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  \
-         labels: {{kubernetes.io/service-name: {service}}}\naddressType: {family}\nendpoints:\n"
-    );
-    for (ip, node, ready) in endpoints {
-        y.push_str(&format!(
-            "- {{addresses: [\"{ip}\"], nodeName: {node}, conditions: {{ready: {ready}}}}}\n"
-        ));
-    }
-    y.push_str("ports:\n");
-    for (pname, proto, port) in ports {
-        y.push_str(&format!("- {{name: {pname}, protocol: {proto}, port: {port}}}\n"));
-    }
-    y
+    let endpoints: Vec<String> =
+        endpoints.iter().map(|(ip, node, r)| ep(ip, node, &format!("ready: {r}"), "")).collect();
+    slice(name, service, family, &endpoints, ports)
 }
 
 pub async fn hello(ns: &Netns, to: SocketAddr) -> std::io::Result<String> {
@@ -475,10 +523,7 @@ async fn network_programming_latency_is_measured_from_the_slice_trigger_time() {
     let version = ferry.snapshot()["version"].as_u64().expect("version");
 
     // The EndpointSlice controller stamps the change 2 s before ferry sees it.
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
-    let trigger = now - 2;
-    let (days, secs) = (trigger / 86_400, trigger % 86_400);
-    let stamp = civil(days, secs);
+    let stamp = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() - 2).expect("timestamp");
     let slice = slice_yaml(
         "web-1",
         "web",
@@ -500,21 +545,6 @@ async fn network_programming_latency_is_measured_from_the_slice_trigger_time() {
     let sum = ferry.metric("kubeproxy_network_programming_duration_seconds_sum", &[]);
     assert!(count >= 1.0, "no network programming latency recorded");
     assert!((2.0..30.0).contains(&sum), "latency {sum}s should be about 2 s");
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for Unix `days` and seconds of day (proleptic Gregorian).
-fn civil(days: u64, secs: u64) -> String {
-    // Howard Hinnant's days_from_civil, inverted.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -21,80 +21,11 @@ use tokio::{
 use crate::{
     harness::*,
     netns::Netns,
-    node::{Cluster, hello, names, sa, set},
+    node::{Cluster, docs, ep, hello, names, ready, sa, service, set, slice},
 };
 
 /// How long a dropped connection must stay silent.
 const SILENCE: Duration = Duration::from_millis(1500);
-
-// --- YAML -------------------------------------------------------------------------------------
-
-/// A Service with free-form metadata/spec/status additions; `ports` are
-/// `(name, protocol, port, targetPort, nodePort)`, `targetPort` verbatim (a number or a name).
-fn service(
-    name: &str,
-    annotations: &[(&str, &str)],
-    spec_extra: &str,
-    ports: &[(&str, &str, u16, &str, Option<u16>)],
-    status: &str,
-) -> String {
-    let mut y = format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n");
-    if !annotations.is_empty() {
-        y.push_str("  annotations:\n");
-        for (k, v) in annotations {
-            y.push_str(&format!("    {k}: \"{v}\"\n"));
-        }
-    }
-    y.push_str(&format!("spec:\n{spec_extra}  ports:\n"));
-    for (pname, proto, port, target, node_port) in ports {
-        y.push_str(&format!("  - {{name: {pname}, protocol: {proto}, port: {port}, targetPort: {target}"));
-        if let Some(np) = node_port {
-            y.push_str(&format!(", nodePort: {np}"));
-        }
-        y.push_str("}\n");
-    }
-    if !status.is_empty() {
-        y.push_str(&format!("status:\n{status}"));
-    }
-    y
-}
-
-/// One EndpointSlice endpoint: `conditions` and `extra` are flow-mapping fragments.
-fn ep(ip: &str, node: &str, conditions: &str, extra: &str) -> String {
-    let extra = if extra.is_empty() { String::new() } else { format!(", {extra}") };
-    format!("{{addresses: [\"{ip}\"], nodeName: {node}, conditions: {{{conditions}}}{extra}}}")
-}
-
-/// A Ready endpoint.
-fn ready(ip: &str, node: &str) -> String {
-    ep(ip, node, "ready: true", "")
-}
-
-/// An EndpointSlice with endpoints from [`ep`]; `ports` are `(name, protocol, port)`.
-fn slice(
-    name: &str,
-    service: &str,
-    family: &str,
-    endpoints: &[String],
-    ports: &[(&str, &str, u16)],
-) -> String {
-    let mut y = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  \
-         labels: {{kubernetes.io/service-name: {service}}}\naddressType: {family}\nendpoints:\n"
-    );
-    for e in endpoints {
-        y.push_str(&format!("- {e}\n"));
-    }
-    y.push_str("ports:\n");
-    for (pname, proto, port) in ports {
-        y.push_str(&format!("- {{name: {pname}, protocol: {proto}, port: {port}}}\n"));
-    }
-    y
-}
-
-fn docs(parts: &[String]) -> String {
-    parts.join("---\n")
-}
 
 // --- network and client helpers -----------------------------------------------------------------
 

@@ -7,7 +7,6 @@
 //! Times before the Unix epoch are clamped to it; a clock never returns them in practice.
 
 use std::{
-    fmt::Write as _,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -63,53 +62,21 @@ pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
 /// Go's JSON encoding of the zero `time.Time`.
 pub(crate) const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
-/// `t` as Go's `time.RFC3339Nano` in UTC: `2024-05-01T10:20:30.5Z`.
+/// `t` as Go's `time.RFC3339Nano` in UTC: `2024-05-01T10:20:30.5Z` (jiff's timestamp display has
+/// the same shape: fraction only when non-zero, trailing zeros trimmed).
 pub fn rfc3339_nano(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let (date, hms) = civil(d.as_secs());
-    let mut out =
-        format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}", date.year, date.month, date.day, hms.0, hms.1, hms.2);
-    let nanos = d.subsec_nanos();
-    if nanos != 0 {
-        let frac = format!("{nanos:09}");
-        let _ = write!(out, ".{}", frac.trim_end_matches('0'));
-    }
-    out.push('Z');
-    out
+    timestamp(t).to_string()
 }
 
 /// `t` as an HTTP date (RFC 7231 IMF-fixdate): `Sun, 06 Nov 1994 08:49:37 GMT`.
 pub fn http_date(t: SystemTime) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] =
-        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    let (date, (h, m, s)) = civil(secs);
-    let weekday = DAYS[usize::try_from((secs / 86_400) % 7).unwrap_or(0)];
-    let month = MONTHS[usize::try_from(date.month - 1).unwrap_or(0)];
-    format!("{weekday}, {:02} {month} {:04} {h:02}:{m:02}:{s:02} GMT", date.day, date.year)
+    jiff::fmt::strtime::format("%a, %d %b %Y %H:%M:%S GMT", timestamp(t)).unwrap_or_default()
 }
 
-struct Date {
-    year: u64,
-    month: u64,
-    day: u64,
-}
-
-/// Calendar date and time of day of `secs` since the epoch (Howard Hinnant's `civil_from_days`).
-fn civil(secs: u64) -> (Date, (u64, u64, u64)) {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (Date { year, month, day }, (rem / 3_600, (rem % 3_600) / 60, rem % 60))
+/// `t` as a jiff timestamp; times before 1970 or beyond jiff's range (never produced by a clock
+/// in practice) become the epoch.
+fn timestamp(t: SystemTime) -> jiff::Timestamp {
+    jiff::Timestamp::try_from(t).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
 }
 
 #[cfg(test)]
