@@ -32,6 +32,7 @@ use k8s_openapi::api::{core::v1::Service as KubeService, discovery::v1::Endpoint
 use serde::Serialize;
 
 use crate::{
+    dns::{DnsEndpoint, DnsKind, DnsPort, DnsService},
     endpoint::Endpoint,
     kube::{self, Interner, ServiceInput, ServiceKind, SliceInput},
     listener::ValidListener,
@@ -311,6 +312,7 @@ impl Index {
         let mut conflicts_changed = false;
         let mut affected: BTreeSet<FrontendKey> = BTreeSet::new();
         for key in std::mem::take(&mut self.dirty) {
+            changed |= self.patch_dns(&key, &mut next);
             let old = next.services.get(&key).cloned();
             let (new, shadowed) = self.build_service(&key, old.as_deref());
             conflicts_changed |= self.set_shadowed(&key, shadowed);
@@ -370,6 +372,23 @@ impl Index {
             self.current = Arc::new(next);
         }
         self.current.clone()
+    }
+
+    /// Rebuilds the DNS view of `key` into `next.dns`; returns whether it changed.
+    fn patch_dns(&self, key: &ServiceKey, next: &mut Snapshot) -> bool {
+        let new = self.services.get(key).map(|input| build_dns(input, self.slices.get(key)));
+        match (next.dns.get(key), new) {
+            (Some(old), Some(new)) if **old == new => false,
+            (None, None) => false,
+            (_, Some(new)) => {
+                next.dns.insert(key.clone(), Arc::new(new));
+                true
+            }
+            (Some(_), None) => {
+                next.dns.remove(key);
+                true
+            }
+        }
     }
 
     /// Recomputes the winner of `fk` into `next.frontends` and its losers into `self.lost`.
@@ -501,6 +520,43 @@ fn build_kube_service(
             .filter_map(|(_, s)| s.trigger_time_ms)
             .max(),
     }
+}
+
+/// The DNS view of one Kubernetes service (see [`crate::dns`] for the rules).
+fn build_dns(input: &ServiceInput, slices: Option<&Vec<(Arc<str>, SliceInput)>>) -> DnsService {
+    let kind = match (input.kind, &input.external_name) {
+        (ServiceKind::ExternalName, Some(name)) => DnsKind::ExternalName(name.clone()),
+        (ServiceKind::ExternalName, None) | (ServiceKind::Headless, _) => DnsKind::Headless,
+        (ServiceKind::Proxied, _) => DnsKind::ClusterIp(input.cluster_ips.clone()),
+    };
+    let ports = input
+        .ports
+        .iter()
+        .map(|p| DnsPort { name: p.name.clone(), protocol: p.protocol, port: p.port })
+        .collect();
+    let mut endpoints: BTreeMap<IpAddr, DnsEndpoint> = BTreeMap::new();
+    if !matches!(kind, DnsKind::ExternalName(_)) {
+        for (_, slice) in slices.into_iter().flatten() {
+            let slice_ports: Arc<[DnsPort]> = slice
+                .ports
+                .iter()
+                .map(|p| DnsPort { name: p.name.clone(), protocol: p.protocol, port: p.port })
+                .collect();
+            for e in &slice.endpoints {
+                let ready = e.ready || input.publish_not_ready_addresses;
+                endpoints
+                    .entry(e.ip)
+                    .and_modify(|d| d.ready |= ready)
+                    .or_insert_with(|| DnsEndpoint {
+                        ip: e.ip,
+                        hostname: e.hostname.clone(),
+                        ready,
+                        ports: slice_ports.clone(),
+                    });
+            }
+        }
+    }
+    DnsService { kind, ports, endpoints: endpoints.into_values().collect() }
 }
 
 #[allow(clippy::too_many_arguments)]

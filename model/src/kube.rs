@@ -193,6 +193,10 @@ pub(crate) struct ServiceInput {
     pub(crate) balancing: Balancing,
     pub(crate) zero_copy: bool,
     pub(crate) proxy_protocol: bool,
+    /// `spec.externalName` of an ExternalName Service, without a trailing dot.
+    pub(crate) external_name: Option<Arc<str>>,
+    /// `spec.publishNotReadyAddresses`.
+    pub(crate) publish_not_ready_addresses: bool,
 }
 
 /// One `EndpointSlice` port that can be matched to a service port.
@@ -346,9 +350,20 @@ impl ServiceInput {
             .as_ref()
             .and_then(|a| a.get(PROXY_PROTOCOL_ANNOTATION))
             .is_some_and(|v| v.eq_ignore_ascii_case("v2"));
+        let external_name = match kind {
+            ServiceKind::ExternalName => spec
+                .and_then(|s| s.external_name.as_deref())
+                .map(|n| n.trim().trim_end_matches('.'))
+                .filter(|n| !n.is_empty())
+                .map(Arc::from),
+            ServiceKind::Proxied | ServiceKind::Headless => None,
+        };
+        let publish_not_ready_addresses = spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false);
         Self {
             service_type,
             kind,
+            external_name,
+            publish_not_ready_addresses,
             cluster_ips: if proxied { cluster_ips } else { Vec::new() },
             ports,
             external_ips,

@@ -14,6 +14,7 @@
 //!   O(log n), not O(n).
 //! - Endpoint categorisation follows kube-proxy's `CategorizeEndpoints` exactly (see [`topology`]).
 
+pub mod dns;
 pub mod endpoint;
 pub mod index;
 pub mod kube;
@@ -22,6 +23,7 @@ pub mod service;
 pub mod snapshot;
 pub mod topology;
 
+pub use dns::{DnsEndpoint, DnsKind, DnsPort, DnsService};
 pub use endpoint::{Endpoint, EndpointHints, Endpoints, TopologyMode};
 pub use index::{Index, NodeInfo, NodeStatus};
 pub use listener::{Backend, Listener, ListenerSpec};

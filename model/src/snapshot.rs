@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::{
+    dns::DnsService,
     index::{NodeInfo, NodeStatus},
     service::{FrontendKey, Service, ServiceKey, ServicePort},
 };
@@ -37,6 +38,10 @@ pub struct Snapshot {
     /// `[{"frontend": "TCP 10.96.0.1:80", "loser": "ns/name"}]`.
     #[serde(serialize_with = "ser::conflicts")]
     pub conflicts: imbl::Vector<(FrontendKey, ServiceKey)>,
+    /// The DNS view of every Kubernetes Service, including headless and ExternalName ones, which
+    /// have no frontends (see [`crate::dns`]). Not serialized.
+    #[serde(skip)]
+    pub dns: imbl::OrdMap<ServiceKey, Arc<DnsService>>,
 }
 
 impl Snapshot {

@@ -566,3 +566,55 @@ proptest! {
         prop_assert!(Arc::ptr_eq(&incremental, &index.build()));
     }
 }
+
+#[test]
+fn dns_view_covers_headless_and_external_name() {
+    use crate::dns::DnsKind;
+    let mut index = Index::default();
+    let ext: KubeService = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "ext", "namespace": "default"},
+        "spec": {"type": "ExternalName", "externalName": "www.example.com."}
+    }))
+    .expect("service");
+    let headless: KubeService = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "db", "namespace": "default"},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": true,
+                 "ports": [{"name": "pg", "port": 5432}]}
+    }))
+    .expect("service");
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "db-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "db"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "pg", "port": 15432}],
+        "endpoints": [{"addresses": ["10.0.0.2"], "hostname": "db-0", "conditions": {"ready": false}}]
+    }))
+    .expect("slice");
+    index.apply_service(&ext);
+    index.apply_service(&headless);
+    index.apply_endpoint_slice(&slice);
+    let snap = index.build();
+    let ext = snap.dns.get(&ServiceKey::new("default", "ext")).expect("ext in dns view");
+    assert_eq!(ext.kind, DnsKind::ExternalName("www.example.com".into()));
+    let db = snap.dns.get(&ServiceKey::new("default", "db")).expect("db in dns view");
+    assert_eq!(db.kind, DnsKind::Headless);
+    assert_eq!(db.endpoints.len(), 1);
+    assert!(db.endpoints[0].ready, "publishNotReadyAddresses marks every endpoint ready");
+    assert_eq!(db.endpoints[0].hostname.as_deref(), Some("db-0"));
+    assert_eq!(db.endpoints[0].ports[0].port, 15432);
+
+    // Changing only externalName publishes a new version with the new target.
+    let v = snap.version;
+    let ext2: KubeService = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "ext", "namespace": "default"},
+        "spec": {"type": "ExternalName", "externalName": "other.example.org"}
+    }))
+    .expect("service");
+    index.apply_service(&ext2);
+    let snap = index.build();
+    assert!(snap.version > v);
+    let ext = snap.dns.get(&ServiceKey::new("default", "ext")).expect("ext");
+    assert_eq!(ext.kind, DnsKind::ExternalName("other.example.org".into()));
+    index.delete_service("default", "ext");
+    assert!(!index.build().dns.contains_key(&ServiceKey::new("default", "ext")));
+}
