@@ -35,6 +35,9 @@ pub(crate) enum Command {
     Lb(LbArgs),
     /// Run the node service proxy (a kube-proxy replacement) for this node.
     Node(NodeArgs),
+    /// Serve cluster DNS for a directory of manifests (Service, EndpointSlice), forwarding other
+    /// names upstream.
+    Dns(crate::dns::DnsArgs),
     /// Validate a directory of manifests and print what would be served; exits non-zero on any error.
     Check(CheckArgs),
 }

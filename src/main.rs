@@ -9,6 +9,7 @@ mod admin;
 mod check;
 mod cli;
 mod daemon;
+mod dns;
 mod lb;
 mod node;
 mod telemetry;
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         Command::Check(args) => return check::run(&args),
         Command::Lb(args) => lb::run(args),
         Command::Node(args) => node::run(args),
+        Command::Dns(args) => dns::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

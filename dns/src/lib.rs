@@ -1,5 +1,153 @@
-//! Cluster DNS answered from the [`Snapshot`](https://docs.rs/ferry-model): service names,
-//! headless services, SRV, PTR and ExternalName CNAMEs.
+//! Cluster DNS answered from the [`Snapshot`]: service names (ClusterIP, dual-stack, headless,
+//! ExternalName CNAMEs), endpoint host names, SRV, PTR, pod records and `dns-version`, with
+//! CoreDNS's NXDOMAIN/NODATA rules, over UDP and TCP; other names are forwarded upstream with a
+//! bounded cache.
 //!
-//! Not built yet (issue 5). This is the only crate that will name hickory types, so the rest of
-//! Ferry stays independent of hickory's unstable 0.x API.
+//! Entry point: [`serve`] with already-bound [`Sockets`], a [`SnapshotFeed`] and a shutdown token.
+//! The zone is rebuilt for every published Snapshot and swapped in atomically; answering reads it
+//! without locks. This is the only crate that names hickory types: hickory-resolver does the
+//! forwarding, and the cluster-zone hot path uses Ferry's own wire code (`wire`).
+//!
+//! Module map: `wire` (parse and write messages), `zone` (the cluster zone and its answers),
+//! `forward` (upstream resolution), `server` (UDP/TCP loops), `metrics`.
+
+mod forward;
+mod metrics;
+mod server;
+mod wire;
+mod zone;
+
+use std::sync::Arc;
+
+use ferry_model::Snapshot;
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    sync::{Semaphore, watch},
+};
+use tokio_util::sync::CancellationToken;
+
+pub use crate::forward::{ForwardError, Upstreams};
+use crate::{
+    server::Shared,
+    zone::{Zone, ZoneConfig},
+};
+
+/// Default record TTL (kubeadm's CoreDNS `ttl 30`).
+pub const DEFAULT_TTL: u32 = 30;
+/// Default cluster domain.
+pub const DEFAULT_DOMAIN: &str = "cluster.local";
+/// Default number of forwarded answers cached.
+pub const DEFAULT_CACHE_SIZE: u64 = 9984;
+
+/// How the DNS server behaves.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct DnsConfig {
+    /// The cluster domain (`cluster.local`).
+    pub domain: String,
+    /// TTL of cluster-zone records, and the SOA minimum (negative-caching TTL).
+    pub ttl: u32,
+    /// Where names outside the cluster zone are forwarded.
+    pub upstreams: Upstreams,
+    /// Forwarded answers cached (positive and negative), at most.
+    pub cache_size: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            domain: DEFAULT_DOMAIN.to_owned(),
+            ttl: DEFAULT_TTL,
+            upstreams: Upstreams::None,
+            cache_size: DEFAULT_CACHE_SIZE,
+        }
+    }
+}
+
+/// Already-bound sockets to serve on (UDP and TCP normally share a port).
+#[derive(Debug, Default)]
+pub struct Sockets {
+    /// UDP sockets.
+    pub udp: Vec<UdpSocket>,
+    /// TCP listeners.
+    pub tcp: Vec<TcpListener>,
+}
+
+/// The Snapshots to serve.
+#[derive(Debug)]
+pub struct SnapshotFeed {
+    /// Every published Snapshot.
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Whether the receiver's current value is already a synced Snapshot. When `false`, the
+    /// cluster zone answers SERVFAIL until the next one is published.
+    pub synced: bool,
+}
+
+/// Why the DNS server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DnsError {
+    /// The upstream configuration is unusable (see [`ForwardError`]; fix it and restart).
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    /// The cluster domain is not a valid DNS name (a configuration error).
+    #[error("invalid cluster domain {0:?}")]
+    Domain(String),
+}
+
+/// Serves DNS on `sockets` until `shutdown` is cancelled, following `feed`.
+///
+/// Returns once every loop has stopped. Errors only at startup (configuration).
+pub async fn serve(
+    config: DnsConfig,
+    sockets: Sockets,
+    feed: SnapshotFeed,
+    shutdown: CancellationToken,
+) -> Result<(), DnsError> {
+    let domain = config.domain.trim_end_matches('.').to_owned();
+    let mut origin_key = wire::encode_name(&domain).ok_or_else(|| DnsError::Domain(config.domain.clone()))?;
+    wire::lowercase(&mut origin_key);
+    let forwarder = forward::Forwarder::new(&config.upstreams, config.cache_size)?;
+    let zone_config = ZoneConfig { domain, ttl: config.ttl };
+    let shared = Arc::new(Shared {
+        zone: arc_swap::ArcSwapOption::empty(),
+        origin_key: origin_key.into(),
+        forwarder,
+        metrics: metrics::Metrics::new(),
+        forwards: Semaphore::new(server::MAX_INFLIGHT_FORWARDS),
+        tcp_connections: Arc::new(Semaphore::new(server::MAX_TCP_CONNECTIONS)),
+    });
+    let SnapshotFeed { snapshots: mut rx, synced } = feed;
+    if synced {
+        let snapshot = rx.borrow_and_update().clone();
+        shared.zone.store(Some(Arc::new(Zone::build(&snapshot, &zone_config))));
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    for socket in sockets.udp {
+        let socket = Arc::new(socket);
+        for _ in 0..workers {
+            tasks.spawn(server::udp_loop(shared.clone(), socket.clone(), shutdown.clone()));
+        }
+    }
+    for listener in sockets.tcp {
+        tasks.spawn(server::tcp_loop(shared.clone(), listener, shutdown.clone()));
+    }
+    let follower = shared.clone();
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                () = stop.cancelled() => return,
+            }
+            let snapshot = rx.borrow_and_update().clone();
+            let zone = Zone::build(&snapshot, &zone_config);
+            tracing::debug!(version = zone.version, "cluster zone rebuilt");
+            follower.zone.store(Some(Arc::new(zone)));
+        }
+    });
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}

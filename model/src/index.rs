@@ -544,15 +544,12 @@ fn build_dns(input: &ServiceInput, slices: Option<&Vec<(Arc<str>, SliceInput)>>)
                 .collect();
             for e in &slice.endpoints {
                 let ready = e.ready || input.publish_not_ready_addresses;
-                endpoints
-                    .entry(e.ip)
-                    .and_modify(|d| d.ready |= ready)
-                    .or_insert_with(|| DnsEndpoint {
-                        ip: e.ip,
-                        hostname: e.hostname.clone(),
-                        ready,
-                        ports: slice_ports.clone(),
-                    });
+                endpoints.entry(e.ip).and_modify(|d| d.ready |= ready).or_insert_with(|| DnsEndpoint {
+                    ip: e.ip,
+                    hostname: e.hostname.clone(),
+                    ready,
+                    ports: slice_ports.clone(),
+                });
             }
         }
     }

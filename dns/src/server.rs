@@ -1,0 +1,277 @@
+//! The UDP and TCP loops: receive a message, answer it from the current [`Zone`] or forward it,
+//! send the response.
+//!
+//! Invariants:
+//! - Cluster-zone answers are computed synchronously from one `Arc<Zone>` loaded from an
+//!   `ArcSwapOption` (no lock, no allocation beyond the per-task response buffer).
+//! - Before the first Snapshot ([`Shared::zone`] is `None`) every cluster-zone query is SERVFAIL.
+//! - Forwarded queries run in their own tasks, at most [`MAX_INFLIGHT_FORWARDS`] at once (more are
+//!   answered SERVFAIL), so a slow upstream cannot grow memory without bound. TCP connections are
+//!   bounded by [`MAX_TCP_CONNECTIONS`] and closed after [`TCP_IDLE`] without a query.
+//! - Messages that cannot be parsed far enough to carry an ID are dropped; others get FORMERR,
+//!   NOTIMP or BADVERS. UDP datagrams longer than [`MAX_UDP_QUERY`] are dropped.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwapOption;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::Semaphore,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    forward::{Forwarded, Forwarder},
+    metrics::Metrics,
+    wire::{self, Query, Rcode, Reject, Writer},
+    zone::{Outcome, Zone},
+};
+
+/// Forwarded queries in flight across all sockets.
+pub(crate) const MAX_INFLIGHT_FORWARDS: usize = 4096;
+/// Open TCP connections across all listeners.
+pub(crate) const MAX_TCP_CONNECTIONS: usize = 512;
+/// A TCP connection without a complete query for this long is closed.
+pub(crate) const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Larger UDP queries are dropped (a query is a header, a name and an OPT record).
+pub(crate) const MAX_UDP_QUERY: usize = 4096;
+
+/// What every loop shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The current zone; `None` until the first Snapshot.
+    pub(crate) zone: ArcSwapOption<Zone>,
+    /// The cluster domain, lowercased wire form (to SERVFAIL it before the first Snapshot).
+    pub(crate) origin_key: Box<[u8]>,
+    pub(crate) forwarder: Option<Forwarder>,
+    pub(crate) metrics: Metrics,
+    pub(crate) forwards: Semaphore,
+    pub(crate) tcp_connections: Arc<Semaphore>,
+}
+
+/// What to do after the synchronous part of handling a message.
+enum Next {
+    /// `buf` holds the response.
+    Reply(Rcode),
+    /// Nothing to send.
+    Drop,
+    /// Resolve upstream, then respond (the query name, or a CNAME target when `chase`).
+    Forward { name: String, chase: bool },
+}
+
+impl Shared {
+    /// The synchronous path: answer from the zone, or say what to forward.
+    fn handle(&self, msg: &[u8], buf: &mut Vec<u8>, udp: bool) -> (Next, Option<Query>) {
+        let q = match wire::parse(msg) {
+            Ok(q) => q,
+            Err((Reject::Drop, _)) => {
+                self.metrics.dropped.increment(1);
+                return (Next::Drop, None);
+            }
+            Err((Reject::Code(rcode), end)) => {
+                Writer::error_only(buf, msg, rcode, end);
+                return (Next::Reply(rcode), None);
+            }
+            Err((Reject::BadVers, end)) => {
+                wire::badvers(buf, msg, end);
+                return (Next::Reply(Rcode::NoError), None);
+            }
+        };
+        let limit = if udp { q.udp_limit() } else { usize::from(u16::MAX) };
+        let zone = self.zone.load();
+        let outcome = match zone.as_deref() {
+            Some(zone) => zone.answer(msg, &q, buf, limit, None),
+            None if q.labels_before(&self.origin_key).is_some() || is_reverse(&q) => {
+                Writer::start(buf, msg, &q, Rcode::ServFail, false).finish(&q, limit);
+                Outcome::Answered(Rcode::ServFail)
+            }
+            None => Outcome::NotInZone,
+        };
+        match outcome {
+            Outcome::Answered(rcode) => (Next::Reply(rcode), Some(q)),
+            Outcome::NotInZone if self.forwarder.is_some() => {
+                (Next::Forward { name: wire::DisplayName(q.key()).to_string(), chase: false }, Some(q))
+            }
+            Outcome::NotInZone => {
+                Writer::start(buf, msg, &q, Rcode::Refused, false).finish(&q, limit);
+                (Next::Reply(Rcode::Refused), Some(q))
+            }
+            Outcome::Chase { target } if self.forwarder.is_some() => {
+                (Next::Forward { name: target.into(), chase: true }, Some(q))
+            }
+            Outcome::Chase { .. } => {
+                // No upstream: the CNAME alone.
+                let empty = Forwarded::empty(Rcode::NoError);
+                let zone = zone.as_deref().expect("a chase comes from a zone");
+                zone.answer(msg, &q, buf, limit, Some(&empty));
+                (Next::Reply(Rcode::NoError), Some(q))
+            }
+        }
+    }
+
+    /// The asynchronous path: forward, then write the response into `buf`.
+    async fn forward(
+        &self,
+        msg: &[u8],
+        q: &Query,
+        name: &str,
+        chase: bool,
+        buf: &mut Vec<u8>,
+        udp: bool,
+    ) -> Rcode {
+        let limit = if udp { q.udp_limit() } else { usize::from(u16::MAX) };
+        let Some(forwarder) = &self.forwarder else { return Rcode::Refused };
+        let f = forwarder.resolve(name, q.qtype).await;
+        if chase {
+            let zone = self.zone.load_full();
+            if let Some(zone) = zone
+                && let Outcome::Answered(rcode) = zone.answer(msg, q, buf, limit, Some(&f))
+            {
+                return rcode;
+            }
+            Writer::start(buf, msg, q, Rcode::ServFail, false).finish(q, limit);
+            return Rcode::ServFail;
+        }
+        let mut w = Writer::start(buf, msg, q, f.rcode, false);
+        w.raw_answers(&f.answers, f.answer_count);
+        if f.authority_count > 0 {
+            w.authority(&f.authorities);
+        }
+        w.finish(q, limit);
+        f.rcode
+    }
+}
+
+fn is_reverse(q: &Query) -> bool {
+    q.labels_before(b"\x07in-addr\x04arpa\x00").is_some() || q.labels_before(b"\x03ip6\x04arpa\x00").is_some()
+}
+
+/// Serves one UDP socket with `workers` receiving tasks until `shutdown`.
+pub(crate) async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, shutdown: CancellationToken) {
+    let mut recv = vec![0u8; MAX_UDP_QUERY + 1];
+    let mut buf = Vec::with_capacity(wire::UDP_MAX);
+    loop {
+        let (len, peer) = tokio::select! {
+            r = socket.recv_from(&mut recv) => match r {
+                Ok(r) => r,
+                Err(error) => {
+                    // ICMP errors from earlier sends surface here on Linux; keep serving.
+                    tracing::debug!(%error, "udp receive failed");
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let start = Instant::now();
+        if len > MAX_UDP_QUERY {
+            shared.metrics.dropped.increment(1);
+            continue;
+        }
+        let msg = &recv[..len];
+        let (next, q) = shared.handle(msg, &mut buf, true);
+        match next {
+            Next::Drop => {}
+            Next::Reply(rcode) => {
+                send_udp(&socket, &buf, peer).await;
+                shared.metrics.record(q.as_ref(), rcode, start);
+            }
+            Next::Forward { name, chase } => {
+                let Some(q) = q else { continue };
+                let Ok(permit) = shared.forwards.try_acquire() else {
+                    Writer::start(&mut buf, msg, &q, Rcode::ServFail, false).finish(&q, q.udp_limit());
+                    send_udp(&socket, &buf, peer).await;
+                    shared.metrics.record(Some(&q), Rcode::ServFail, start);
+                    continue;
+                };
+                permit.forget();
+                let (shared, socket, msg) = (shared.clone(), socket.clone(), msg.to_vec());
+                tokio::spawn(async move {
+                    let mut buf = Vec::with_capacity(wire::UDP_MAX);
+                    let rcode = shared.forward(&msg, &q, &name, chase, &mut buf, true).await;
+                    shared.forwards.add_permits(1);
+                    send_udp(&socket, &buf, peer).await;
+                    shared.metrics.record(Some(&q), rcode, start);
+                });
+            }
+        }
+    }
+}
+
+async fn send_udp(socket: &UdpSocket, buf: &[u8], peer: SocketAddr) {
+    if let Err(error) = socket.send_to(buf, peer).await {
+        tracing::debug!(%error, %peer, "udp send failed");
+    }
+}
+
+/// Accepts TCP connections until `shutdown`.
+pub(crate) async fn tcp_loop(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(r) => r,
+                Err(error) => {
+                    tracing::debug!(%error, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let Ok(permit) = shared.tcp_connections.clone().try_acquire_owned() else {
+            shared.metrics.dropped.increment(1);
+            continue;
+        };
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                r = tcp_conn(&shared, stream) => if let Err(error) = r {
+                    tracing::debug!(%error, %peer, "tcp connection ended");
+                },
+                () = shutdown.cancelled() => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Serves the queries of one TCP connection, in order (RFC 7766 allows pipelining).
+async fn tcp_conn(shared: &Shared, mut stream: TcpStream) -> io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut msg = Vec::with_capacity(512);
+    let mut buf = Vec::with_capacity(4096);
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Err(_) => return Ok(()),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(r) => r?,
+        };
+        let len = usize::from(u16::from_be_bytes(len));
+        msg.resize(len, 0);
+        tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut msg))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        let start = Instant::now();
+        let (next, q) = shared.handle(&msg, &mut buf, false);
+        let rcode = match next {
+            Next::Drop => continue,
+            Next::Reply(rcode) => rcode,
+            Next::Forward { name, chase } => {
+                let Some(q) = q else { continue };
+                shared.forward(&msg, &q, &name, chase, &mut buf, false).await
+            }
+        };
+        out.clear();
+        out.extend_from_slice(&u16::try_from(buf.len()).unwrap_or(u16::MAX).to_be_bytes());
+        out.extend_from_slice(&buf);
+        stream.write_all(&out).await?;
+        shared.metrics.record(q.as_ref(), rcode, start);
+    }
+}

@@ -1,0 +1,131 @@
+//! `ferry dns`: standalone cluster DNS over a directory of manifests, and the DNS flags shared
+//! with `ferry node`.
+//!
+//! Wiring: [`Daemon`] (file source, publisher, admin server, signals) -> [`ferry_dns::serve`] on
+//! UDP and TCP sockets bound here (one port per `--listen` address, TCP on the UDP socket's port).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::Args;
+use ferry_dns::{DnsConfig, SnapshotFeed, Sockets, Upstreams};
+use tokio::net::{TcpListener, UdpSocket};
+
+use crate::{
+    cli::RunArgs,
+    daemon::{self, Daemon},
+    telemetry,
+};
+
+/// `ferry dns`.
+#[derive(Debug, Args)]
+pub(crate) struct DnsArgs {
+    /// Directory of YAML manifests (Service, EndpointSlice); watched for changes.
+    #[arg(long, env = "FERRY_CONFIG")]
+    pub(crate) config: PathBuf,
+
+    /// Addresses to serve DNS on, UDP and TCP (port 0 picks a free port; the bound address is
+    /// logged).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:53")]
+    pub(crate) listen: Vec<SocketAddr>,
+
+    #[command(flatten)]
+    pub(crate) dns: DnsFlags,
+
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+}
+
+/// What the DNS server answers and where it forwards (shared by `ferry dns` and `ferry node`).
+#[derive(Debug, Args)]
+pub(crate) struct DnsFlags {
+    /// The cluster domain served authoritatively.
+    #[arg(long, default_value = ferry_dns::DEFAULT_DOMAIN)]
+    pub(crate) cluster_domain: String,
+
+    /// TTL (seconds) of cluster-zone records and of negative answers.
+    #[arg(long, default_value_t = ferry_dns::DEFAULT_TTL, value_parser = clap::value_parser!(u32).range(0..=3600))]
+    pub(crate) dns_ttl: u32,
+
+    /// Upstream resolvers for names outside the cluster domain (comma-separated `IP:PORT`);
+    /// without it, the `nameserver` lines of `--resolv-conf` are used.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) upstream: Vec<SocketAddr>,
+
+    /// resolv.conf to read upstream resolvers from when `--upstream` is not given.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub(crate) resolv_conf: PathBuf,
+
+    /// Do not forward: names outside the cluster domain are answered REFUSED.
+    #[arg(long)]
+    pub(crate) no_forward: bool,
+
+    /// Forwarded answers cached at most (positive and negative).
+    #[arg(long, default_value_t = ferry_dns::DEFAULT_CACHE_SIZE)]
+    pub(crate) dns_cache_size: u64,
+}
+
+impl DnsFlags {
+    /// The server configuration these flags describe.
+    pub(crate) fn config(&self) -> DnsConfig {
+        let upstreams = if self.no_forward {
+            Upstreams::None
+        } else if !self.upstream.is_empty() {
+            Upstreams::Servers(self.upstream.clone())
+        } else {
+            Upstreams::ResolvConf(self.resolv_conf.clone())
+        };
+        let mut config = DnsConfig::default();
+        config.domain.clone_from(&self.cluster_domain);
+        config.ttl = self.dns_ttl;
+        config.upstreams = upstreams;
+        config.cache_size = self.dns_cache_size;
+        config
+    }
+}
+
+/// Binds UDP and TCP on each address (TCP on the port the UDP socket got).
+pub(crate) async fn bind(addresses: &[SocketAddr]) -> anyhow::Result<Sockets> {
+    let mut sockets = Sockets::default();
+    for address in addresses {
+        let udp = UdpSocket::bind(address).await.with_context(|| format!("binding DNS UDP {address}"))?;
+        let bound = udp.local_addr().context("reading the DNS address")?;
+        let tcp = TcpListener::bind(bound).await.with_context(|| format!("binding DNS TCP {bound}"))?;
+        tracing::info!(address = %bound, "dns listening");
+        sockets.udp.push(udp);
+        sockets.tcp.push(tcp);
+    }
+    Ok(sockets)
+}
+
+/// Runs `ferry dns` to completion.
+pub(crate) fn run(args: DnsArgs) -> anyhow::Result<()> {
+    daemon::runtime(&args.run)?.block_on(serve(args))
+}
+
+async fn serve(args: DnsArgs) -> anyhow::Result<()> {
+    let metrics = telemetry::init_metrics()?;
+    let Some(daemon) = Daemon::start(args.config.clone(), None, None, &args.run, metrics, &[]).await? else {
+        return Ok(());
+    };
+    let sockets = match bind(&args.listen).await {
+        Ok(s) => s,
+        Err(error) => {
+            daemon.stop().await;
+            return Err(error);
+        }
+    };
+    let feed = SnapshotFeed { snapshots: daemon.snapshots.subscribe(), synced: true };
+    let server = tokio::spawn(ferry_dns::serve(args.dns.config(), sockets, feed, daemon.shutdown.clone()));
+    daemon.serving();
+    tracing::info!(
+        version = daemon.snapshots.current().version,
+        config = %daemon.config.display(),
+        "configuration loaded; serving"
+    );
+    let result = server.await;
+    daemon.stop().await;
+    result.context("the DNS server task failed")?.context("the DNS server failed")?;
+    tracing::info!("stopped; exiting");
+    Ok(())
+}
