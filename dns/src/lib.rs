@@ -118,9 +118,11 @@ pub async fn serve(
         tcp_connections: Arc::new(Semaphore::new(server::MAX_TCP_CONNECTIONS)),
     });
     let SnapshotFeed { snapshots: mut rx, synced } = feed;
+    let zone_version = ::metrics::gauge!("ferry_dns_zone_version");
     if synced {
         let snapshot = rx.borrow_and_update().clone();
         shared.zone.store(Some(Arc::new(Zone::build(&snapshot, &zone_config))));
+        zone_version.set(snapshot.version as f64);
     }
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -144,8 +146,10 @@ pub async fn serve(
             }
             let snapshot = rx.borrow_and_update().clone();
             let zone = Zone::build(&snapshot, &zone_config);
-            tracing::debug!(version = zone.version, "cluster zone rebuilt");
+            let version = zone.version;
             follower.zone.store(Some(Arc::new(zone)));
+            zone_version.set(version as f64);
+            tracing::debug!(version, "cluster zone rebuilt");
         }
     });
     while tasks.join_next().await.is_some() {}

@@ -99,8 +99,11 @@ impl Shared {
                 (Next::Forward { name: wire::DisplayName(q.key()).to_string(), chase: false }, Some(q))
             }
             Outcome::NotInZone => {
-                Writer::start(buf, msg, &q, Rcode::Refused, false).finish(&q, limit);
-                (Next::Reply(Rcode::Refused), Some(q))
+                // Without an upstream, a reverse name nobody has does not exist (kubeadm's
+                // `fallthrough in-addr.arpa ip6.arpa` would have forwarded it); others are refused.
+                let rcode = if is_reverse(&q) { Rcode::NxDomain } else { Rcode::Refused };
+                Writer::start(buf, msg, &q, rcode, false).finish(&q, limit);
+                (Next::Reply(rcode), Some(q))
             }
             Outcome::Chase { target } if self.forwarder.is_some() => {
                 (Next::Forward { name: target.into(), chase: true }, Some(q))

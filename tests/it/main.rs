@@ -6,6 +6,7 @@
 mod admin;
 mod check;
 mod deploy;
+mod dns;
 mod harness;
 mod lb_config;
 mod lb_health;
