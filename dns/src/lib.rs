@@ -155,3 +155,6 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

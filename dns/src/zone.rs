@@ -246,18 +246,19 @@ impl Zone {
         if let Some(node) = self.nodes.get(q.key()) {
             return self.node_answer(msg, q, buf, node, limit, chased);
         }
-        if depth == 3 && q.label(2) == Some(b"pod") {
-            if let Some(ip) = q.label(0).and_then(parse_dashed) {
-                let t = if ip.is_ipv4() { rtype::A } else { rtype::AAAA };
-                let mut w = Writer::start(buf, msg, q, Rcode::NoError, true);
-                if q.qtype == t || q.qtype == rtype::ANY {
-                    w.answer_at_qname(&address_rr(ip, self.ttl));
-                } else {
-                    w.authority(&self.soa);
-                }
-                w.finish(q, limit);
-                return Outcome::Answered(Rcode::NoError);
+        if depth == 3
+            && q.label(2) == Some(b"pod")
+            && let Some(ip) = q.label(0).and_then(parse_dashed)
+        {
+            let t = if ip.is_ipv4() { rtype::A } else { rtype::AAAA };
+            let mut w = Writer::start(buf, msg, q, Rcode::NoError, true);
+            if q.qtype == t || q.qtype == rtype::ANY {
+                w.answer_at_qname(&address_rr(ip, self.ttl));
+            } else {
+                w.authority(&self.soa);
             }
+            w.finish(q, limit);
+            return Outcome::Answered(Rcode::NoError);
         }
         self.negative(msg, q, buf, Rcode::NxDomain, limit)
     }
