@@ -30,6 +30,7 @@ pub(crate) enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // Parsed once at startup; boxing buys nothing.
 pub(crate) enum Command {
     /// Run the standalone TCP/UDP load balancer from a directory of manifests.
     Lb(LbArgs),
@@ -104,6 +105,20 @@ pub(crate) struct NodeArgs {
     /// Remove everything Ferry added to the node (the VIP device, the source-IP rules) and exit.
     #[arg(long)]
     pub(crate) cleanup: bool,
+
+    /// Serve cluster DNS on this node-local address (UDP and TCP), e.g. `169.254.20.10:53`; the
+    /// address is added to the VIP device, as NodeLocal DNSCache does.
+    #[arg(long)]
+    pub(crate) dns_listen: Option<SocketAddr>,
+
+    /// Also serve cluster DNS on port 53 of this Service's ClusterIPs (`namespace/name`, e.g.
+    /// `kube-system/kube-dns`, read from the first snapshot); that Service is then not proxied on
+    /// this node, so pods using it get this node's answers.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub(crate) dns_service: Option<String>,
+
+    #[command(flatten)]
+    pub(crate) dns: crate::dns::DnsFlags,
 
     #[command(flatten)]
     pub(crate) run: RunArgs,

@@ -3,13 +3,22 @@
 //!
 //! Wiring: [`Daemon`] (file source, publisher, admin server, signals) -> [`ferry_dns::serve`] on
 //! UDP and TCP sockets bound here (one port per `--listen` address, TCP on the UDP socket's port).
+//!
+//! `ferry node` serves the same DNS on `--dns-listen` (added to the VIP device) and on the
+//! ClusterIPs of `--dns-service`, whose frontends [`WithoutService`] then keeps from the proxy.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Args;
 use ferry_dns::{DnsConfig, SnapshotFeed, Sockets, Upstreams};
-use tokio::net::{TcpListener, UdpSocket};
+use ferry_model::{DnsKind, FrontendKey, ServiceKey, ServicePort, Snapshot};
+use ferry_proxy::{Binding, FrontendFilter};
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    sync::watch,
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     cli::RunArgs,
@@ -128,4 +137,66 @@ async fn serve(args: DnsArgs) -> anyhow::Result<()> {
     result.context("the DNS server task failed")?.context("the DNS server failed")?;
     tracing::info!("stopped; exiting");
     Ok(())
+}
+
+// === ferry node ===
+
+/// `--dns-service namespace/name`.
+pub(crate) fn parse_service(s: &str) -> anyhow::Result<ServiceKey> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(ServiceKey::new(ns, name))
+        }
+        _ => anyhow::bail!("--dns-service {s:?}: expected NAMESPACE/NAME"),
+    }
+}
+
+/// A [`FrontendFilter`] that serves nothing of one Service (the kube-dns Service whose
+/// ClusterIPs this node's DNS server answers on) and defers to `inner` for every other.
+#[derive(Debug)]
+pub(crate) struct WithoutService<F> {
+    pub(crate) inner: F,
+    pub(crate) service: ServiceKey,
+}
+
+impl<F: FrontendFilter> FrontendFilter for WithoutService<F> {
+    fn bindings(&self, key: &FrontendKey, port: &ServicePort, out: &mut Vec<Binding>) {
+        if port.service != self.service {
+            self.inner.bindings(key, port, out);
+        }
+    }
+}
+
+/// The DNS addresses of `ferry node`: `--dns-listen`, and port 53 of the `--dns-service`
+/// ClusterIPs in `snapshot`.
+pub(crate) fn node_addresses(
+    listen: Option<SocketAddr>,
+    service: Option<&ServiceKey>,
+    snapshot: &Snapshot,
+) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = listen.into_iter().collect();
+    if let Some(key) = service {
+        match snapshot.dns.get(key).map(|s| &s.kind) {
+            Some(DnsKind::ClusterIp(ips)) => out.extend(ips.iter().map(|ip| SocketAddr::new(*ip, 53))),
+            _ => tracing::warn!(service = %key, "--dns-service has no ClusterIP yet; not serving DNS on it"),
+        }
+    }
+    out
+}
+
+/// Binds `addresses` and serves DNS on them until `shutdown` (a task; errors are logged).
+pub(crate) async fn spawn_node_dns(
+    flags: &DnsFlags,
+    addresses: &[SocketAddr],
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let sockets = bind(addresses).await?;
+    let config = flags.config();
+    let feed = SnapshotFeed { snapshots, synced: true };
+    Ok(tokio::spawn(async move {
+        if let Err(error) = ferry_dns::serve(config, sockets, feed, shutdown).await {
+            tracing::error!(%error, "the DNS server failed");
+        }
+    }))
 }

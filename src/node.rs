@@ -100,11 +100,13 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         };
     let filter =
         NodeFrontends::new(NodeConfig { node_port_addresses, local_sources }).with_transparent(transparent);
-    let manager = Manager::new(ProxyConfig {
-        drain_timeout: args.run.drain_timeout,
-        filter: Arc::new(filter),
-        ..ProxyConfig::default()
-    });
+    let dns_service = args.dns_service.as_deref().map(crate::dns::parse_service).transpose()?;
+    let filter: Arc<dyn ferry_proxy::FrontendFilter> = match &dns_service {
+        Some(service) => Arc::new(crate::dns::WithoutService { inner: filter, service: service.clone() }),
+        None => Arc::new(filter),
+    };
+    let manager =
+        Manager::new(ProxyConfig { drain_timeout: args.run.drain_timeout, filter, ..ProxyConfig::default() });
 
     // kube-proxy's health surface: the node server on :10256 and one server per healthCheckNodePort.
     let families = [IpFamily::V4, IpFamily::V6];
@@ -129,10 +131,18 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         service_health,
         last: None,
         last_full: Instant::now(),
+        extra_addresses: args.dns_listen.map(|a| a.ip()).into_iter().collect(),
     };
     // A frontend that cannot be bound yet (or a device error) is retried below, as kube-proxy
     // retries a failed sync; every other frontend is served meanwhile.
     let mut failed = !syncer.sync(&snapshot).await;
+    let dns_addresses = crate::dns::node_addresses(args.dns_listen, dns_service.as_ref(), &snapshot);
+    let dns = if dns_addresses.is_empty() {
+        None
+    } else {
+        let rx = daemon.snapshots.subscribe();
+        Some(crate::dns::spawn_node_dns(&args.dns, &dns_addresses, rx, daemon.shutdown.clone()).await?)
+    };
     daemon.serving();
     tracing::info!(
         version = snapshot.version,
@@ -152,6 +162,9 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         failed = !syncer.sync(&snapshot).await;
     }
     syncer.manager.shutdown().await;
+    if let Some(dns) = dns {
+        let _ = dns.await;
+    }
     daemon.stop().await;
     tracing::info!(
         "drained; exiting (VIP addresses stay for the next start; `ferry node --cleanup` removes them)"
@@ -170,6 +183,8 @@ struct Syncer {
     last: Option<Arc<Snapshot>>,
     /// When the last full sync started.
     last_full: Instant,
+    /// Addresses the device holds besides the snapshot's (`--dns-listen`).
+    extra_addresses: std::collections::BTreeSet<IpAddr>,
 }
 
 impl Syncer {
@@ -192,10 +207,15 @@ impl Syncer {
         let last = self.last.as_ref().filter(|_| self.last_full.elapsed() < FULL_RESYNC);
         let device = match last {
             Some(last) if self.device.is_synced() => {
-                let changes = host::frontend_address_changes(last, snapshot);
+                let mut changes = host::frontend_address_changes(last, snapshot);
+                changes.remove.retain(|ip| !self.extra_addresses.contains(ip));
                 self.device.update(&changes.add, &changes.remove).await
             }
-            _ => self.device.sync(&host::frontend_addresses(snapshot)).await,
+            _ => {
+                let mut want = host::frontend_addresses(snapshot);
+                want.extend(&self.extra_addresses);
+                self.device.sync(&want).await
+            }
         };
         match device {
             Ok(stats) => tracing::debug!(?stats, "VIP device synced"),

@@ -158,3 +158,62 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests;
+
+/// The query path without sockets, for the fuzz target (`fuzz/`) and its regression tests. Not
+/// part of Ferry's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use ferry_model::Snapshot;
+
+    use crate::{
+        forward::Forwarded,
+        wire::{self, Rcode, Reject, Writer},
+        zone::{Outcome, Zone, ZoneConfig},
+    };
+
+    /// A zone and a response buffer.
+    #[derive(Debug)]
+    pub struct Harness {
+        zone: Zone,
+        buf: Vec<u8>,
+    }
+
+    impl Harness {
+        /// The zone of `snapshot` under `cluster.local`.
+        pub fn new(snapshot: &Snapshot) -> Self {
+            let config = ZoneConfig { domain: crate::DEFAULT_DOMAIN.to_owned(), ttl: crate::DEFAULT_TTL };
+            Self { zone: Zone::build(snapshot, &config), buf: Vec::new() }
+        }
+
+        /// Handles `msg` as a UDP query would be; returns the response (`None`: dropped).
+        ///
+        /// # Panics
+        /// When a response exceeds the UDP size limit it was written for.
+        pub fn answer(&mut self, msg: &[u8]) -> Option<&[u8]> {
+            match wire::parse(msg) {
+                Ok(q) => {
+                    let limit = q.udp_limit();
+                    match self.zone.answer(msg, &q, &mut self.buf, limit, None) {
+                        Outcome::Answered(_) => {}
+                        Outcome::NotInZone => {
+                            Writer::start(&mut self.buf, msg, &q, Rcode::Refused, false).finish(&q, limit);
+                        }
+                        Outcome::Chase { .. } => {
+                            let empty = Forwarded::empty(Rcode::NoError);
+                            self.zone.answer(msg, &q, &mut self.buf, limit, Some(&empty));
+                        }
+                    }
+                    assert!(
+                        self.buf.len() <= limit,
+                        "response of {} bytes over the limit {limit}",
+                        self.buf.len()
+                    );
+                }
+                Err((Reject::Drop, _)) => return None,
+                Err((Reject::Code(rcode), end)) => Writer::error_only(&mut self.buf, msg, rcode, end),
+                Err((Reject::BadVers, end)) => wire::badvers(&mut self.buf, msg, end),
+            }
+            Some(&self.buf)
+        }
+    }
+}

@@ -62,3 +62,84 @@ async fn servfail_until_the_first_snapshot_then_answers() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join").expect("ok");
 }
+
+mod fuzzing {
+    use std::sync::Arc;
+
+    use ferry_model::{DnsEndpoint, DnsKind, DnsPort, DnsService, Protocol, ServiceKey, Snapshot};
+    use hickory_resolver::proto::op::Message;
+    use proptest::prelude::*;
+
+    use crate::fuzzing::Harness;
+
+    fn snapshot() -> Snapshot {
+        let port = DnsPort { name: "http".into(), protocol: Protocol::Tcp, port: 80 };
+        let mut s = Snapshot::default();
+        let web = DnsService {
+            kind: DnsKind::ClusterIp(vec!["10.96.0.1".parse().expect("ip"), "fd00::1".parse().expect("ip")]),
+            ports: vec![port.clone()],
+            endpoints: vec![DnsEndpoint {
+                ip: "10.1.0.1".parse().expect("ip"),
+                hostname: Some("w-0".into()),
+                ready: true,
+                ports: Arc::from(vec![port]),
+            }],
+        };
+        let ext = DnsService {
+            kind: DnsKind::ExternalName("web.ns.svc.cluster.local".into()),
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+        };
+        s.dns.insert(ServiceKey::new("ns", "web"), Arc::new(web));
+        s.dns.insert(ServiceKey::new("ns", "ext"), Arc::new(ext));
+        s
+    }
+
+    /// A query for one of a few interesting names, then arbitrary bytes mutated into it.
+    fn query(name: usize, qtype: u16, edns: Option<u16>) -> Vec<u8> {
+        let names: [&[u8]; 5] = [
+            b"\x03web\x02ns\x03svc\x07cluster\x05local\x00",
+            b"\x03EXT\x02ns\x03svc\x07cluster\x05local\x00",
+            b"\x04_http\x04_tcp\x03web\x02ns\x03svc\x07cluster\x05local\x00",
+            b"\x011\x010\x0296\x0210\x07in-addr\x04arpa\x00",
+            b"\x0810-1-0-1\x02ns\x03pod\x07cluster\x05local\x00",
+        ];
+        let mut m = vec![0xAB, 0xCD, 1, 0, 0, 1, 0, 0, 0, 0, 0, u8::from(edns.is_some())];
+        m.extend_from_slice(names[name % names.len()]);
+        m.extend_from_slice(&qtype.to_be_bytes());
+        m.extend_from_slice(&[0, 1]);
+        if let Some(size) = edns {
+            m.extend_from_slice(&[0, 0, 41]);
+            m.extend_from_slice(&size.to_be_bytes());
+            m.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        }
+        m
+    }
+
+    proptest! {
+        /// Every response to a well-formed query is a valid DNS message (hickory parses it) with
+        /// the query's ID; the harness itself checks the size limit.
+        #[test]
+        fn responses_are_valid_dns(name in 0usize..5, qtype in prop_oneof![Just(1u16), Just(28), Just(33), Just(12), Just(5), Just(255), any::<u16>()], edns in proptest::option::of(any::<u16>())) {
+            let mut h = Harness::new(&snapshot());
+            let m = query(name, qtype, edns);
+            let r = h.answer(&m).expect("answered").to_vec();
+            let parsed = Message::from_vec(&r).expect("valid DNS");
+            prop_assert_eq!(parsed.metadata.id, 0xABCD);
+        }
+
+        /// Mutated queries never panic, and never produce more than the UDP limit.
+        #[test]
+        fn mutated_queries_never_panic(name in 0usize..5, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8), cut in any::<usize>()) {
+            let mut h = Harness::new(&snapshot());
+            let mut m = query(name, 1, Some(1232));
+            for (i, b) in flips {
+                let n = m.len();
+                m[i % n] = b;
+            }
+            let n = m.len();
+            m.truncate(cut % (n + 1));
+            let _ = h.answer(&m);
+        }
+    }
+}

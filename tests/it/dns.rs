@@ -588,3 +588,57 @@ async fn hickory_client_resolves_services() {
         assert_eq!(ptr.answers()[0].data.to_string(), "web.default.svc.cluster.local.");
     }
 }
+
+/// `ferry node` serving DNS NodeLocal-DNSCache style: on a link-local address added to the VIP
+/// device, and on the kube-dns Service's ClusterIP, which is then not proxied (its only endpoint
+/// has no DNS server, so a proxied query would time out).
+#[test]
+fn node_serves_dns_on_a_node_local_address_and_the_kube_dns_cluster_ip() {
+    let cluster = crate::node::Cluster::new();
+    cluster.dir.write(
+        "dns.yaml",
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: kube-dns-1, namespace: kube-system, labels: {kubernetes.io/service-name: kube-dns}}
+addressType: IPv4
+ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+endpoints:
+- {addresses: ["10.244.1.10"], nodeName: node-a}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{port: 80}]
+"#,
+    );
+    let _ferry = cluster.start(&[
+        "--dns-listen",
+        "169.254.20.10:53",
+        "--dns-service",
+        "kube-system/kube-dns",
+        "--no-forward",
+    ]);
+    for server in ["169.254.20.10", "10.96.0.10"] {
+        for transport in ["+notcp", "+tcp"] {
+            let out = cluster
+                .pod_b
+                .command("dig")
+                .args([&format!("@{server}"), transport, "+tries=1", "+time=3", &n("web"), "A"])
+                .output()
+                .expect("dig in pod-b");
+            let r = parse(&String::from_utf8_lossy(&out.stdout));
+            assert_eq!(r.status, "NOERROR", "{server} {transport}: {r:?}");
+            assert_eq!(r.rdata_sorted(), vec!["10.96.0.20".to_owned()], "{server} {transport}");
+        }
+    }
+}
