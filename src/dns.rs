@@ -125,7 +125,9 @@ async fn serve(args: DnsArgs) -> anyhow::Result<()> {
         }
     };
     let feed = SnapshotFeed { snapshots: daemon.snapshots.subscribe(), synced: true };
-    let server = tokio::spawn(ferry_dns::serve(args.dns.config(), sockets, feed, daemon.shutdown.clone()));
+    let mut config = args.dns.config();
+    config.udp_threads = args.run.worker_threads;
+    let server = tokio::spawn(ferry_dns::serve(config, sockets, feed, daemon.shutdown.clone()));
     daemon.serving();
     tracing::info!(
         version = daemon.snapshots.current().version,
@@ -187,12 +189,14 @@ pub(crate) fn node_addresses(
 /// Binds `addresses` and serves DNS on them until `shutdown` (a task; errors are logged).
 pub(crate) async fn spawn_node_dns(
     flags: &DnsFlags,
+    udp_threads: Option<usize>,
     addresses: &[SocketAddr],
     snapshots: watch::Receiver<Arc<Snapshot>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let sockets = bind(addresses).await?;
-    let config = flags.config();
+    let mut config = flags.config();
+    config.udp_threads = udp_threads;
     let feed = SnapshotFeed { snapshots, synced: true };
     Ok(tokio::spawn(async move {
         if let Err(error) = ferry_dns::serve(config, sockets, feed, shutdown).await {

@@ -141,7 +141,16 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         None
     } else {
         let rx = daemon.snapshots.subscribe();
-        Some(crate::dns::spawn_node_dns(&args.dns, &dns_addresses, rx, daemon.shutdown.clone()).await?)
+        Some(
+            crate::dns::spawn_node_dns(
+                &args.dns,
+                args.run.worker_threads,
+                &dns_addresses,
+                rx,
+                daemon.shutdown.clone(),
+            )
+            .await?,
+        )
     };
     daemon.serving();
     tracing::info!(

@@ -17,14 +17,14 @@ os.makedirs(os.path.join(out, "manifests"), exist_ok=True)
 zone = "cluster.local"
 ttl = 30
 
-manifests, records = [], []
+manifests, records = {}, []
 clusterip, headless = [], []
 for i in range(n):
     ns, name = f"ns-{i % 10}", f"svc-{i}"
     fqdn = f"{name}.{ns}.svc.{zone}."
     if i % 10 == 9:
         eps = [f"10.{100 + i // 250}.{i % 250}.{k + 1}" for k in range(3)]
-        manifests.append(
+        manifests.setdefault(ns, []).append(
             f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n"
             f"spec:\n  clusterIP: None\n  ports: [{{name: http, port: 80}}]\n---\n"
             f"apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: {ns}, "
@@ -43,7 +43,7 @@ for i in range(n):
         headless.append(fqdn)
     else:
         ip = f"10.96.{i // 250}.{i % 250 + 1}"
-        manifests.append(
+        manifests.setdefault(ns, []).append(
             f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n"
             f"spec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n"
         )
@@ -52,8 +52,10 @@ for i in range(n):
         records.append(f"{fqdn} {ttl} IN SRV 0 100 80 {fqdn}")
         clusterip.append(fqdn)
 
-with open(os.path.join(out, "manifests", "zone.yaml"), "w") as f:
-    f.write("---\n".join(manifests))
+# One file per namespace (Ferry reads at most 1024 documents per file).
+for ns, docs in manifests.items():
+    with open(os.path.join(out, "manifests", f"{ns}.yaml"), "w") as f:
+        f.write("---\n".join(docs))
 
 soa = f"{zone}. {ttl} IN SOA ns.dns.{zone}. hostmaster.{zone}. 1 7200 1800 86400 {ttl}"
 ns_rr = f"{zone}. {ttl} IN NS ns.dns.{zone}."

@@ -113,7 +113,7 @@ for c in $CONTENDERS; do
   taskset -c "$CPU_LOAD" dnsperf -s 127.0.0.1 -p "$port" -d "$OUT/queries.txt" -l "$DUR" -c 4 -q 200 >"$OUT/$c-qps.txt" 2>&1
   taskset -c "$CPU_LOAD" dnsperf -s 127.0.0.1 -p "$port" -d "$OUT/queries.txt" -l "$LAT_DUR" -Q "$RATE" -c 4 -v >"$OUT/$c-lat.txt" 2>&1
   qps=$(awk '/Queries per second/{printf "%.0f", $4}' "$OUT/$c-qps.txt")
-  lost=$(awk '/Queries lost/{print $4}' "$OUT/$c-qps.txt")
+  lost=$(awk '/Queries lost/{print $3}' "$OUT/$c-qps.txt")
   read -r p50 p99 < <(awk '/^> /{print $NF*1000}' "$OUT/$c-lat.txt" | sort -g | awk '{a[NR]=$1} END{printf "%.3f %.3f\n", a[int(NR*0.5)], a[int(NR*0.99)]}')
   printf '| %s | %s | %s | %s | %s |\n' "$c" "$qps" "$lost" "$p50" "$p99" >>"$OUT/table.md"
   kill "${pids[-1]}" 2>/dev/null || true

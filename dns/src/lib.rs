@@ -51,6 +51,8 @@ pub struct DnsConfig {
     pub upstreams: Upstreams,
     /// Forwarded answers cached (positive and negative), at most.
     pub cache_size: u64,
+    /// Threads receiving on each UDP socket (default: one per CPU).
+    pub udp_threads: Option<usize>,
 }
 
 impl Default for DnsConfig {
@@ -60,6 +62,7 @@ impl Default for DnsConfig {
             ttl: DEFAULT_TTL,
             upstreams: Upstreams::None,
             cache_size: DEFAULT_CACHE_SIZE,
+            udp_threads: None,
         }
     }
 }
@@ -93,6 +96,9 @@ pub enum DnsError {
     /// The cluster domain is not a valid DNS name (a configuration error).
     #[error("invalid cluster domain {0:?}")]
     Domain(String),
+    /// A UDP socket could not be prepared (cloned or made blocking); retrying will not help.
+    #[error("preparing a UDP socket: {0}")]
+    Socket(#[source] std::io::Error),
 }
 
 /// Serves DNS on `sockets` until `shutdown` is cancelled, following `feed`.
@@ -126,11 +132,15 @@ pub async fn serve(
     }
 
     let mut tasks = tokio::task::JoinSet::new();
-    let workers = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads =
+        config.udp_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let rt = tokio::runtime::Handle::current();
     for socket in sockets.udp {
-        let socket = Arc::new(socket);
-        for _ in 0..workers {
-            tasks.spawn(server::udp_loop(shared.clone(), socket.clone(), shutdown.clone()));
+        let socket = server::blocking_udp(socket).map_err(DnsError::Socket)?;
+        for _ in 0..threads.max(1) {
+            let socket = socket.try_clone().map_err(DnsError::Socket)?;
+            let (shared, rt, shutdown) = (shared.clone(), rt.clone(), shutdown.clone());
+            tasks.spawn_blocking(move || server::udp_loop(&shared, &socket, &rt, &shutdown));
         }
     }
     for listener in sockets.tcp {

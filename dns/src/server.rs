@@ -2,6 +2,7 @@
 //! send the response.
 //!
 //! Invariants:
+//! - UDP is served by blocking threads ([`udp_loop`]), TCP by async tasks.
 //! - Cluster-zone answers are computed synchronously from one `Arc<Zone>` loaded from an
 //!   `ArcSwapOption` (no lock, no allocation beyond the per-task response buffer).
 //! - Before the first Snapshot ([`Shared::zone`] is `None`) every cluster-zone query is SERVFAIL.
@@ -155,21 +156,32 @@ fn is_reverse(q: &Query) -> bool {
     q.labels_before(b"\x07in-addr\x04arpa\x00").is_some() || q.labels_before(b"\x03ip6\x04arpa\x00").is_some()
 }
 
-/// Serves one UDP socket with `workers` receiving tasks until `shutdown`.
-pub(crate) async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, shutdown: CancellationToken) {
+/// How often a blocking UDP receiver wakes up to check for shutdown when no query arrives.
+const UDP_SHUTDOWN_POLL: Duration = Duration::from_millis(200);
+
+/// Serves one UDP socket on the calling (blocking) thread until `shutdown`.
+///
+/// A thin loop: blocking `recvfrom`, answer from the zone, blocking `sendto`. Two system calls
+/// per cluster-zone query and no wake-ups through the async runtime, which is what keeps the
+/// latency down. Forwarded queries are handed to the runtime (`rt`); their responses are sent on
+/// a clone of the socket (a UDP send does not wait for the peer).
+pub(crate) fn udp_loop(
+    shared: &Arc<Shared>,
+    socket: &std::net::UdpSocket,
+    rt: &tokio::runtime::Handle,
+    shutdown: &CancellationToken,
+) {
     let mut recv = vec![0u8; MAX_UDP_QUERY + 1];
     let mut buf = Vec::with_capacity(wire::UDP_MAX);
-    loop {
-        let (len, peer) = tokio::select! {
-            r = socket.recv_from(&mut recv) => match r {
-                Ok(r) => r,
-                Err(error) => {
-                    // ICMP errors from earlier sends surface here on Linux; keep serving.
-                    tracing::debug!(%error, "udp receive failed");
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
+    while !shutdown.is_cancelled() {
+        let (len, peer) = match socket.recv_from(&mut recv) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+            Err(error) => {
+                // ICMP errors from earlier sends surface here on Linux; keep serving.
+                tracing::debug!(%error, "udp receive failed");
+                continue;
+            }
         };
         let start = Instant::now();
         if len > MAX_UDP_QUERY {
@@ -181,24 +193,25 @@ pub(crate) async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, shutdo
         match next {
             Next::Drop => {}
             Next::Reply(rcode) => {
-                send_udp(&socket, &buf, peer).await;
+                send_udp(socket, &buf, peer);
                 shared.metrics.record(q.as_ref(), rcode, start);
             }
             Next::Forward { name, chase } => {
                 let Some(q) = q else { continue };
-                let Ok(permit) = shared.forwards.try_acquire() else {
+                let clone = socket.try_clone();
+                let (Ok(permit), Ok(reply)) = (shared.forwards.try_acquire(), clone) else {
                     Writer::start(&mut buf, msg, &q, Rcode::ServFail, false).finish(&q, q.udp_limit());
-                    send_udp(&socket, &buf, peer).await;
+                    send_udp(socket, &buf, peer);
                     shared.metrics.record(Some(&q), Rcode::ServFail, start);
                     continue;
                 };
                 permit.forget();
-                let (shared, socket, msg) = (shared.clone(), socket.clone(), msg.to_vec());
-                tokio::spawn(async move {
+                let (shared, msg) = (shared.clone(), msg.to_vec());
+                rt.spawn(async move {
                     let mut buf = Vec::with_capacity(wire::UDP_MAX);
                     let rcode = shared.forward(&msg, &q, &name, chase, &mut buf, true).await;
                     shared.forwards.add_permits(1);
-                    send_udp(&socket, &buf, peer).await;
+                    send_udp(&reply, &buf, peer);
                     shared.metrics.record(Some(&q), rcode, start);
                 });
             }
@@ -206,8 +219,16 @@ pub(crate) async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, shutdo
     }
 }
 
-async fn send_udp(socket: &UdpSocket, buf: &[u8], peer: SocketAddr) {
-    if let Err(error) = socket.send_to(buf, peer).await {
+/// Prepares a socket for [`udp_loop`]: blocking, with a receive timeout for shutdown checks.
+pub(crate) fn blocking_udp(socket: UdpSocket) -> io::Result<std::net::UdpSocket> {
+    let socket = socket.into_std()?;
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(UDP_SHUTDOWN_POLL))?;
+    Ok(socket)
+}
+
+fn send_udp(socket: &std::net::UdpSocket, buf: &[u8], peer: SocketAddr) {
+    if let Err(error) = socket.send_to(buf, peer) {
         tracing::debug!(%error, %peer, "udp send failed");
     }
 }
