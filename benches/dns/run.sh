@@ -5,12 +5,13 @@
 #
 #   FERRY_BIN=/work/target-bench/release/ferry benches/dns/run.sh
 #
-# Knobs: DUR (seconds per throughput run, default 15), RATE (queries/s for the latency run,
+# Knobs: DUR (seconds per throughput run, default 10), ROUNDS (default 3), RATE (queries/s for the latency run,
 # default 20000), LAT_DUR (seconds, default 10), SERVICES (default 1000), CONTENDERS.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 FERRY_BIN="${FERRY_BIN:-${CARGO_TARGET_DIR:-target}/release/ferry}"
-DUR="${DUR:-15}"
+DUR="${DUR:-10}"
+ROUNDS="${ROUNDS:-3}"
 RATE="${RATE:-20000}"
 LAT_DUR="${LAT_DUR:-10}"
 SERVICES="${SERVICES:-1000}"
@@ -104,20 +105,32 @@ check_same() {
   done >"$OUT/answers-$name.txt"
 }
 
-printf '| server | queries/s (saturated, %ss) | lost | p50 ms at %s q/s | p99 ms at %s q/s |\n|---|---:|---:|---:|---:|\n' "$DUR" "$RATE" "$RATE" >"$OUT/table.md"
 for c in $CONTENDERS; do
   start "$c"
-  port=$(port_of "$c")
   check_same "$c"
-  taskset -c "$CPU_LOAD" dnsperf -s 127.0.0.1 -p "$port" -d "$OUT/queries.txt" -l 2 -c 4 -q 200 >/dev/null 2>&1 # warm-up
-  taskset -c "$CPU_LOAD" dnsperf -s 127.0.0.1 -p "$port" -d "$OUT/queries.txt" -l "$DUR" -c 4 -q 200 >"$OUT/$c-qps.txt" 2>&1
-  taskset -c "$CPU_LOAD" dnsperf -s 127.0.0.1 -p "$port" -d "$OUT/queries.txt" -l "$LAT_DUR" -Q "$RATE" -c 4 -v >"$OUT/$c-lat.txt" 2>&1
-  qps=$(awk '/Queries per second/{printf "%.0f", $4}' "$OUT/$c-qps.txt")
-  lost=$(awk '/Queries lost/{print $3}' "$OUT/$c-qps.txt")
-  read -r p50 p99 < <(awk '/^> /{print $NF*1000}' "$OUT/$c-lat.txt" | sort -g | awk '{a[NR]=$1} END{printf "%.3f %.3f\n", a[int(NR*0.5)], a[int(NR*0.99)]}')
-  printf '| %s | %s | %s | %s | %s |\n' "$c" "$qps" "$lost" "$p50" "$p99" >>"$OUT/table.md"
-  kill "${pids[-1]}" 2>/dev/null || true
-  wait "${pids[-1]}" 2>/dev/null || true
+  taskset -c "$CPU_LOAD" dnsperf -s 127.0.0.1 -p "$(port_of "$c")" -d "$OUT/queries.txt" -l 2 -c 4 -q 200 >/dev/null 2>&1 # warm-up
+done
+
+# Interleaved rounds (the order reverses every other round); the table shows medians.
+order="$CONTENDERS"
+for r in $(seq 1 "$ROUNDS"); do
+  for c in $order; do
+    port=$(port_of "$c")
+    taskset -c "$CPU_LOAD" dnsperf -s 127.0.0.1 -p "$port" -d "$OUT/queries.txt" -l "$DUR" -c 4 -q 200 >"$OUT/$c-qps-$r.txt" 2>&1
+    taskset -c "$CPU_LOAD" dnsperf -s 127.0.0.1 -p "$port" -d "$OUT/queries.txt" -l "$LAT_DUR" -Q "$RATE" -c 4 -v >"$OUT/$c-lat-$r.txt" 2>&1
+    qps=$(awk '/Queries per second/{printf "%.0f", $4}' "$OUT/$c-qps-$r.txt")
+    lost=$(awk '/Queries lost/{print $3}' "$OUT/$c-qps-$r.txt")
+    read -r p50 p99 < <(awk '/^> /{print $NF*1000}' "$OUT/$c-lat-$r.txt" | sort -g | awk '{a[NR]=$1} END{printf "%.3f %.3f\n", a[int(NR*0.5)], a[int(NR*0.99)]}')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$r" "$qps" "$lost" "$p50" "$p99" | tee -a "$OUT/results.tsv" >&2
+  done
+  order=$(echo "$order" | tr ' ' '\n' | tac | tr '\n' ' ')
+done
+
+median() { sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
+printf '| server | queries/s (saturated, %ss, median of %s) | lost queries (max) | p50 ms at %s q/s | p99 ms at %s q/s |\n|---|---:|---:|---:|---:|\n' "$DUR" "$ROUNDS" "$RATE" "$RATE" >"$OUT/table.md"
+for c in $CONTENDERS; do
+  col() { awk -v c="$c" -v k="$1" -F'\t' '$1==c{print $k}' "$OUT/results.tsv"; }
+  printf '| %s | %s | %s | %s | %s |\n' "$c" "$(col 3 | median)" "$(col 4 | sort -g | tail -1)" "$(col 5 | median)" "$(col 6 | median)" >>"$OUT/table.md"
 done
 for c in $CONTENDERS; do
   if [ "$c" != "ferry" ] && [ -f "$OUT/answers-ferry.txt" ] && ! diff -q "$OUT/answers-ferry.txt" "$OUT/answers-$c.txt" >/dev/null; then
