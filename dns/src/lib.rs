@@ -13,6 +13,7 @@
 
 mod forward;
 mod metrics;
+mod mmsg;
 mod server;
 mod wire;
 mod zone;
@@ -136,9 +137,9 @@ pub async fn serve(
         config.udp_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let rt = tokio::runtime::Handle::current();
     for socket in sockets.udp {
-        let socket = server::blocking_udp(socket).map_err(DnsError::Socket)?;
+        let socket = Arc::new(server::blocking_udp(socket).map_err(DnsError::Socket)?);
         for _ in 0..threads.max(1) {
-            let socket = socket.try_clone().map_err(DnsError::Socket)?;
+            let socket = socket.clone();
             let (shared, rt, shutdown) = (shared.clone(), rt.clone(), shutdown.clone());
             tasks.spawn_blocking(move || server::udp_loop(&shared, &socket, &rt, &shutdown));
         }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use metrics::{Counter, Histogram};
 
-use crate::wire::{Query, Rcode, rtype};
+use crate::wire::{Rcode, rtype};
 
 /// Query types with their own label; everything else is `other`.
 const QTYPES: [(u16, &str); 10] = [
@@ -53,9 +53,8 @@ impl Metrics {
         }
     }
 
-    /// Records one answered query (`q` is `None` when it did not parse).
-    pub(crate) fn record(&self, q: Option<&Query>, rcode: Rcode, start: Instant) {
-        let qtype = q.map_or(0, |q| q.qtype);
+    /// Records one answered query (`qtype` 0 when it did not parse).
+    pub(crate) fn record(&self, qtype: u16, rcode: Rcode, start: Instant) {
         let t = QTYPES.iter().position(|(t, _)| *t == qtype).unwrap_or(QTYPES.len() - 1);
         let r = Rcode::ALL.iter().position(|r| *r == rcode).unwrap_or(0);
         if let Some(c) = self.queries.get(t * Rcode::ALL.len() + r) {
