@@ -87,6 +87,10 @@ CONF
   # Ready when it answers.
   for _ in $(seq 1 100); do
     if dig @127.0.0.1 -p "$port" +tries=1 +time=1 +short svc-0.ns-0.svc.cluster.local A 2>/dev/null | grep -q 10.96; then
+      # Knot pins its UDP worker threads to CPUs of its own choosing (worker i -> CPU i), which
+      # would put its worker next to dnsperf; re-pin every thread of every server to CPU_SERVER.
+      taskset -a -p -c "$CPU_SERVER" "${pids[-1]}" >/dev/null
+      grep -h Cpus_allowed_list /proc/"${pids[-1]}"/task/*/status | sort -u >"$OUT/$name.cpus"
       return 0
     fi
     sleep 0.1
