@@ -97,12 +97,22 @@ impl DnsFlags {
 pub(crate) async fn bind(addresses: &[SocketAddr]) -> anyhow::Result<Sockets> {
     let mut sockets = Sockets::default();
     for address in addresses {
-        let udp = UdpSocket::bind(address).await.with_context(|| format!("binding DNS UDP {address}"))?;
-        let bound = udp.local_addr().context("reading the DNS address")?;
-        let tcp = TcpListener::bind(bound).await.with_context(|| format!("binding DNS TCP {bound}"))?;
-        tracing::info!(address = %bound, "dns listening");
-        sockets.udp.push(udp);
-        sockets.tcp.push(tcp);
+        // With port 0 the UDP socket picks the port and TCP must get the same one; another
+        // process may hold it for TCP, so try a few ports.
+        let attempts = if address.port() == 0 { 10 } else { 1 };
+        for attempt in 1..=attempts {
+            let udp = UdpSocket::bind(address).await.with_context(|| format!("binding DNS UDP {address}"))?;
+            let bound = udp.local_addr().context("reading the DNS address")?;
+            let tcp = match TcpListener::bind(bound).await {
+                Ok(tcp) => tcp,
+                Err(e) if attempt < attempts && e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => return Err(e).with_context(|| format!("binding DNS TCP {bound}")),
+            };
+            tracing::info!(address = %bound, "dns listening");
+            sockets.udp.push(udp);
+            sockets.tcp.push(tcp);
+            break;
+        }
     }
     Ok(sockets)
 }

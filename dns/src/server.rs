@@ -173,7 +173,8 @@ pub(crate) fn udp_loop(
     rt: &tokio::runtime::Handle,
     shutdown: &CancellationToken,
 ) {
-    let mut batch = RecvBatch::new(MAX_UDP_QUERY + 1);
+    // Datagrams longer than the buffer come back flagged as truncated and are dropped.
+    let mut batch = RecvBatch::new(MAX_UDP_QUERY);
     let mut out: Vec<Vec<u8>> = (0..mmsg::BATCH).map(|_| Vec::with_capacity(wire::UDP_MAX)).collect();
     let mut replies: Vec<(usize, SocketAddr)> = Vec::with_capacity(mmsg::BATCH);
     let mut answered: Vec<(u16, Rcode)> = Vec::with_capacity(mmsg::BATCH);
@@ -182,8 +183,10 @@ pub(crate) fn udp_loop(
             Ok(n) => n,
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
             Err(error) => {
-                // ICMP errors from earlier sends surface here on Linux; keep serving.
+                // ICMP errors from earlier sends surface here on Linux; keep serving, but never
+                // spin on an error that persists.
                 tracing::debug!(%error, "udp receive failed");
+                std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
         };

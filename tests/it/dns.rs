@@ -192,17 +192,21 @@ fn kdig_tcp(port: u16, args: &[&str]) -> Reply {
     r
 }
 
-/// Starts `ferry dns` on a free port; returns it with the port.
+/// Starts `ferry dns` on a port it picks itself; returns it with the port.
 fn start_dns(dir: &ConfigDir, extra: &[&str]) -> (Ferry, u16) {
-    let port = free_udp_port();
-    let listen = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
     cmd.args(["dns", "--config"])
         .arg(dir.path())
-        .args(["--listen", &listen, "--admin-address", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--listen", "127.0.0.1:0", "--admin-address", "127.0.0.1:0", "--log-format", "json"])
         .args(["--reload-debounce", "50ms", "--worker-threads", "2"])
         .args(extra);
     let ferry = Ferry::spawn_command(cmd, None);
+    let line = ferry.wait_log(DEADLINE, |l| msg(l) == "dns listening").expect("ferry dns never bound");
+    let port = line["address"]
+        .as_str()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.port())
+        .expect("address in the log line");
     ferry
         .wait_log(DEADLINE, |l| msg(l) == "configuration loaded; serving")
         .expect("ferry dns never became ready");
@@ -321,6 +325,7 @@ fn every_record_and_rcode_row_over_udp_and_tcp() {
     assert_eq!(dig(port, &["example.com", "A"]).status, "REFUSED");
     assert!(ferry.metric("ferry_dns_queries_total", &["qtype=\"A\"", "rcode=\"NOERROR\""]) >= 10.0);
     assert!(ferry.metric("ferry_dns_queries_total", &["qtype=\"A\"", "rcode=\"NXDOMAIN\""]) >= 4.0);
+    assert!(ferry.metric("ferry_dns_request_duration_seconds_count", &[]) >= 50.0);
 }
 
 #[test]
@@ -401,7 +406,7 @@ fn forwarding_cache_negative_answers_chase_and_failover() {
         "up.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: {name: www, namespace: default}\nspec:\n  clusterIP: 10.96.9.9\n  ports: [{port: 80}]\n",
     );
-    let (_up, up_port) = start_dns(&up_dir, &["--no-forward", "--cluster-domain", "example.org"]);
+    let (up, up_port) = start_dns(&up_dir, &["--no-forward", "--cluster-domain", "example.org"]);
     let dir = ConfigDir::new();
     dir.write(
         "ext.yaml",
@@ -429,6 +434,22 @@ fn forwarding_cache_negative_answers_chase_and_failover() {
     let r = kdig_tcp(port, &[www, "TXT"]);
     assert_eq!(r.status, "NOERROR");
     assert!(r.answers.is_empty() && r.has_soa(), "{r:?}");
+    // Negative answers are cached: a name the upstream then creates stays NXDOMAIN through the
+    // forwarder (for the SOA minimum, 30 s) while the upstream itself already answers it.
+    let late = "late.default.svc.example.org.";
+    assert_eq!(dig(port, &[late, "A", "+rec"]).status, "NXDOMAIN");
+    let up_version = up.metric("ferry_dns_zone_version", &[]);
+    up_dir.write(
+        "late.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: late, namespace: default}\nspec:\n  clusterIP: 10.96.9.10\n  ports: [{port: 80}]\n",
+    );
+    let start = Instant::now();
+    while up.metric("ferry_dns_zone_version", &[]) <= up_version {
+        assert!(start.elapsed() < DEADLINE, "upstream zone never rebuilt");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(dig(up_port, &[late, "A"]).status, "NOERROR");
+    assert_eq!(dig(port, &[late, "A", "+rec"]).status, "NXDOMAIN", "served from the negative cache");
     // ExternalName pointing outside the zone: CNAME, then the upstream's A.
     let r = dig(port, &[&n("out"), "A"]);
     assert_eq!(r.status, "NOERROR");
