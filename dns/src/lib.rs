@@ -126,6 +126,7 @@ pub async fn serve(
     });
     let SnapshotFeed { snapshots: mut rx, synced } = feed;
     let zone_version = ::metrics::gauge!("ferry_dns_zone_version");
+    let build_duration = ::metrics::histogram!("ferry_dns_zone_build_duration_seconds");
     if synced {
         let snapshot = rx.borrow_and_update().clone();
         shared.zone.store(Some(Arc::new(Zone::build(&snapshot, &zone_config))));
@@ -156,11 +157,18 @@ pub async fn serve(
                 () = stop.cancelled() => return,
             }
             let snapshot = rx.borrow_and_update().clone();
-            let zone = Zone::build(&snapshot, &zone_config);
+            // O(Services + endpoints): off the async workers, which also serve TCP and forwarding.
+            // Snapshots published meanwhile coalesce: the next round takes the latest.
+            let start = std::time::Instant::now();
+            let cfg = zone_config.clone();
+            let Ok(zone) = tokio::task::spawn_blocking(move || Zone::build(&snapshot, &cfg)).await else {
+                return;
+            };
             let version = zone.version;
             follower.zone.store(Some(Arc::new(zone)));
             zone_version.set(version as f64);
-            tracing::debug!(version, "cluster zone rebuilt");
+            build_duration.record(start.elapsed().as_secs_f64());
+            tracing::debug!(version, elapsed_us = start.elapsed().as_micros() as u64, "cluster zone rebuilt");
         }
     });
     while tasks.join_next().await.is_some() {}

@@ -3,7 +3,8 @@
 //! - `ferry_dns_queries_total{qtype, rcode}`: answered queries.
 //! - `ferry_dns_request_duration_seconds`: receive-to-send latency.
 //! - `ferry_dns_dropped_total`: messages dropped unanswered (malformed, oversized, over limits).
-//! - `ferry_dns_zone_version`: the Snapshot version the cluster zone was built from.
+//! - `ferry_dns_zone_version`: the Snapshot version the cluster zone was built from, and
+//!   `ferry_dns_zone_build_duration_seconds`: how long each rebuild took.
 //! - `ferry_dns_upstream_errors_total`: forwarded lookups that failed (timeouts, SERVFAIL, ...).
 //! - The forwarder's cache: hickory-resolver's `hickory_resolver_cache_hit_total`,
 //!   `hickory_resolver_cache_miss_total` and `hickory_resolver_response_cache_size`.

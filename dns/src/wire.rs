@@ -313,6 +313,9 @@ pub(crate) struct Writer<'a> {
     buf: &'a mut Vec<u8>,
     answers: u16,
     authorities: u16,
+    additionals: u16,
+    /// Where the additional section starts, once it has a record.
+    additional_start: Option<usize>,
     /// Answers end here (for truncation).
     question_end: usize,
 }
@@ -337,7 +340,7 @@ impl<'a> Writer<'a> {
         buf.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
         buf.extend_from_slice(&msg[HEADER_LEN..q.question_end]);
         let question_end = buf.len();
-        Self { buf, answers: 0, authorities: 0, question_end }
+        Self { buf, answers: 0, authorities: 0, additionals: 0, additional_start: None, question_end }
     }
 
     /// A response with no question (the query did not parse far enough), e.g. FORMERR.
@@ -375,27 +378,46 @@ impl<'a> Writer<'a> {
         self.authorities += 1;
     }
 
+    /// A record in the additional section (after every answer and authority record), owner
+    /// `owner` (wire form). Dropped by [`finish`](Self::finish) rather than truncating when the
+    /// message would not fit.
+    pub(crate) fn additional(&mut self, owner: &[u8], rr: &[u8]) {
+        self.additional_start.get_or_insert(self.buf.len());
+        self.buf.extend_from_slice(owner);
+        self.buf.extend_from_slice(rr);
+        self.additionals += 1;
+    }
+
     /// Whole records already encoded elsewhere (forwarded answers).
     pub(crate) fn raw_answers(&mut self, records: &[u8], count: u16) {
         self.buf.extend_from_slice(records);
         self.answers += count;
     }
 
-    /// Sets the counts, appends OPT when the query had one, and truncates to `limit` (setting TC
-    /// and dropping every record) when the message does not fit.
-    pub(crate) fn finish(self, q: &Query, limit: usize) {
+    /// Sets the counts, appends OPT when the query had one, and makes the message fit `limit`:
+    /// first by dropping the additional section (no TC, RFC 2181 §9), else by dropping every
+    /// record and setting TC.
+    pub(crate) fn finish(mut self, q: &Query, limit: usize) {
         let opt_len = if q.edns.is_some() { 11 } else { 0 };
+        if self.buf.len() + opt_len > limit
+            && let Some(start) = self.additional_start
+        {
+            self.buf.truncate(start);
+            self.additionals = 0;
+        }
         if self.buf.len() + opt_len > limit {
             self.buf.truncate(self.question_end);
             self.buf[2] |= 0x02;
-            self.buf[6..10].copy_from_slice(&[0, 0, 0, 0]);
+            self.buf[6..12].copy_from_slice(&[0; 6]);
         } else {
             self.buf[6..8].copy_from_slice(&self.answers.to_be_bytes());
             self.buf[8..10].copy_from_slice(&self.authorities.to_be_bytes());
+            self.buf[10..12].copy_from_slice(&self.additionals.to_be_bytes());
         }
         if q.edns.is_some() {
             push_opt(self.buf, 0);
-            self.buf[11] = 1;
+            let ar = u16::from_be_bytes([self.buf[10], self.buf[11]]).saturating_add(1);
+            self.buf[10..12].copy_from_slice(&ar.to_be_bytes());
         }
     }
 }

@@ -33,6 +33,8 @@ use crate::{
 
 /// CNAME chains followed inside the zone (CoreDNS: 10).
 const MAX_CHAIN: usize = 10;
+/// SRV targets whose addresses go into the additional section, at most.
+const MAX_SRV_ADDITIONALS: usize = 16;
 /// TTL of the `dns-version` TXT record (CoreDNS hard-codes it).
 const VERSION_TTL: u32 = 28_800;
 
@@ -318,9 +320,40 @@ impl Zone {
         let mut w = Writer::start(buf, msg, q, Rcode::NoError, true);
         if write_rrs(&mut w, node, q.qtype, None) == 0 {
             w.authority(&self.soa);
+        } else if q.qtype == rtype::SRV {
+            self.srv_additionals(&mut w, node);
         }
         w.finish(q, limit);
         Outcome::Answered(Rcode::NoError)
+    }
+
+    /// The A/AAAA records of SRV targets, in the additional section (spec §2.3.2: "MAY"; CoreDNS
+    /// and Knot add them). At most [`MAX_SRV_ADDITIONALS`] targets; `finish` drops them all if
+    /// they do not fit.
+    fn srv_additionals(&self, w: &mut Writer<'_>, node: &Node) {
+        let mut seen: [&[u8]; MAX_SRV_ADDITIONALS] = [&[]; MAX_SRV_ADDITIONALS];
+        let mut count = 0;
+        for (_, rr) in node.rrs.iter().filter(|(t, _)| *t == rtype::SRV) {
+            // type, class, ttl, rdlength (10) + priority, weight, port (6), then the target.
+            let Some(target) = rr.get(16..) else { continue };
+            if count == MAX_SRV_ADDITIONALS {
+                break;
+            }
+            if seen[..count].contains(&target) {
+                continue;
+            }
+            seen[count] = target;
+            count += 1;
+            let mut key = [0u8; wire::MAX_NAME];
+            let Some(key) = key.get_mut(..target.len()) else { continue };
+            key.copy_from_slice(target);
+            wire::lowercase(key);
+            if let Some(t) = self.nodes.get(&*key) {
+                for (_, a) in t.rrs.iter().filter(|(t, _)| matches!(*t, rtype::A | rtype::AAAA)) {
+                    w.additional(target, a);
+                }
+            }
+        }
     }
 
     /// Whether the lowercased wire name is inside this zone (for the chase limit).

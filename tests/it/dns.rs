@@ -112,6 +112,7 @@ struct Reply {
     /// `(owner, type, rdata)` in order.
     answers: Vec<(String, String, String)>,
     authority: Vec<(String, String, String)>,
+    additional: Vec<(String, String, String)>,
 }
 
 impl Reply {
@@ -148,6 +149,10 @@ fn parse(out: &str) -> Reply {
             section = "authority";
             continue;
         }
+        if line.starts_with(";; ADDITIONAL SECTION") {
+            section = "additional";
+            continue;
+        }
         if line.starts_with(';') || line.trim().is_empty() {
             if line.trim().is_empty() {
                 section = "";
@@ -162,6 +167,7 @@ fn parse(out: &str) -> Reply {
         match section {
             "answer" => r.answers.push(rec),
             "authority" => r.authority.push(rec),
+            "additional" => r.additional.push(rec),
             _ => {}
         }
     }
@@ -309,6 +315,12 @@ fn every_record_and_rcode_row_over_udp_and_tcp() {
         if name == n("ext") && qtype == "A" {
             assert_eq!(udp.answers[0].1, "CNAME", "CNAME comes first: {udp:?}");
         }
+    }
+    // SRV answers carry their targets' addresses in the additional section (dig and kdig).
+    for r in [dig(port, &[&n("_http._tcp.web"), "SRV"]), kdig_tcp(port, &[&n("_http._tcp.web"), "SRV"])] {
+        let mut extra: Vec<String> = r.additional.iter().map(|(o, t, d)| format!("{o} {t} {d}")).collect();
+        extra.sort();
+        assert_eq!(extra, [format!("{} A 10.96.0.10", n("web")), format!("{} AAAA fd00::10", n("web"))]);
     }
     // The question's case is preserved.
     let r = dig(port, &["WeB.DeFault.svc.Cluster.Local", "A"]);

@@ -126,3 +126,27 @@ proptest! {
         prop_assert_eq!(q.key(), &lower[..]);
     }
 }
+
+#[test]
+fn additional_records_are_dropped_before_truncating() {
+    let m = query(0, 1, NAME, rtype::SRV, &[]);
+    let q = parse(&m).expect("parses");
+    let mut buf = Vec::new();
+    let a = rr(rtype::A, 30, &[10, 0, 0, 1]);
+    let srv = rr(rtype::SRV, 30, &srv_rdata(0, 100, 80, NAME));
+    let mut w = Writer::start(&mut buf, &m, &q, Rcode::NoError, true);
+    w.answer_at_qname(&srv);
+    for _ in 0..20 {
+        w.additional(NAME, &a);
+    }
+    w.finish(&q, 512);
+    assert_eq!(buf[2] & 0x02, 0, "no TC: only the additional section was dropped");
+    assert_eq!(&buf[6..8], &[0, 1]);
+    assert_eq!(&buf[10..12], &[0, 0]);
+
+    let mut w = Writer::start(&mut buf, &m, &q, Rcode::NoError, true);
+    w.answer_at_qname(&srv);
+    w.additional(NAME, &a);
+    w.finish(&q, 512);
+    assert_eq!(&buf[10..12], &[0, 1], "kept when it fits");
+}

@@ -102,6 +102,7 @@ fn srv_weights_ipv6_and_dashed_names() {
         let RData::SRV(srv) = &r.data else { panic!("SRV expected: {r:?}") };
         assert_eq!((srv.priority, srv.weight, srv.port), (0, 33, 8080));
     }
+    assert_eq!(m.additionals.len(), 3, "each target's AAAA in the additional section");
     let (_, m) = ask(&zone, "fd00--1.h.ns.svc.cluster.local", rtype::AAAA);
     assert_eq!(m.expect("answered").answers.len(), 1);
     let (_, m) = ask(&zone, "fd00--1.h.ns.svc.cluster.local", rtype::A);
