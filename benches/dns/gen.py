@@ -2,7 +2,7 @@
 """Generates one cluster zone in three forms (Ferry manifests, a Knot zone file, Unbound
 local-data) plus a dnsperf query file, so every server answers exactly the same names.
 
-Usage: gen.py OUTDIR [SERVICES]   (default 1000 Services over 10 namespaces)
+Usage: gen.py OUTDIR [SERVICES]   (default 1000; 100 Services per namespace, at least 10 namespaces)
 Every 10th Service is headless with 3 ready endpoints (one with a hostname); the others are
 ClusterIP (IPv4) with one named port. The query mix: 60% A of ClusterIP Services, 10% A of
 headless Services, 10% SRV of named ports, 10% AAAA (NODATA), 10% NXDOMAIN.
@@ -15,12 +15,13 @@ out = sys.argv[1]
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
 os.makedirs(os.path.join(out, "manifests"), exist_ok=True)
 zone = "cluster.local"
+namespaces = max(10, n // 100)
 ttl = 30
 
 manifests, records = {}, []
 clusterip, headless = [], []
 for i in range(n):
-    ns, name = f"ns-{i % 10}", f"svc-{i}"
+    ns, name = f"ns-{i % namespaces}", f"svc-{i}"
     fqdn = f"{name}.{ns}.svc.{zone}."
     if i % 10 == 9:
         eps = [f"10.{100 + i // 250}.{i % 250}.{k + 1}" for k in range(3)]
@@ -79,4 +80,4 @@ with open(os.path.join(out, "queries.txt"), "w") as f:
         elif x < 0.9:
             f.write(f"{rng.choice(clusterip)} AAAA\n")
         else:
-            f.write(f"missing-{rng.randrange(10**6)}.ns-{rng.randrange(10)}.svc.{zone}. A\n")
+            f.write(f"missing-{rng.randrange(10**6)}.ns-{rng.randrange(namespaces)}.svc.{zone}. A\n")

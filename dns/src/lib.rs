@@ -129,8 +129,16 @@ pub async fn serve(
     let build_duration = ::metrics::histogram!("ferry_dns_zone_build_duration_seconds");
     if synced {
         let snapshot = rx.borrow_and_update().clone();
+        let start = std::time::Instant::now();
         shared.zone.store(Some(Arc::new(Zone::build(&snapshot, &zone_config))));
         zone_version.set(snapshot.version as f64);
+        build_duration.record(start.elapsed().as_secs_f64());
+        tracing::info!(
+            version = snapshot.version,
+            services = snapshot.dns.len(),
+            elapsed_us = start.elapsed().as_micros() as u64,
+            "cluster zone built"
+        );
     }
 
     let mut tasks = tokio::task::JoinSet::new();
