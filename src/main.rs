@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => return check::run(&args),
         Command::Lb(args) => lb::run(args),
-        Command::Node(args) => node::run(args),
+        Command::Node(args) => node::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
