@@ -97,6 +97,10 @@ impl Daemon {
         metrics: PrometheusHandle,
         extra_admin: &[std::net::SocketAddr],
     ) -> anyhow::Result<Option<Self>> {
+        match ferry_proxy::raise_nofile_limit() {
+            Ok((old, new)) => tracing::debug!(old, new, "file descriptor limit (RLIMIT_NOFILE)"),
+            Err(error) => tracing::warn!(%error, "cannot raise the file descriptor limit"),
+        }
         let shutdown = CancellationToken::new();
         let (publisher, snapshots) = ferry_watch::publisher();
         let description = source.describe();

@@ -405,18 +405,4 @@ impl Watched for core::Node {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn selector_is_kube_proxys() {
-        assert_eq!(
-            proxy_selector(None),
-            "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
-        );
-        assert_eq!(
-            proxy_selector(Some("ferry")),
-            "service.kubernetes.io/service-proxy-name=ferry,!service.kubernetes.io/headless"
-        );
-    }
-}
+mod tests;
