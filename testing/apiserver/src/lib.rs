@@ -244,6 +244,13 @@ preferences: {{}}
         store.get(res, &key).map(|o| (*o).clone())
     }
 
+    /// All stored objects of a resource (by apiVersion and plural or kind), in key order.
+    pub fn list(&self, api_version: &str, plural_or_kind: &str) -> Vec<Value> {
+        let store = self.shared.store.lock();
+        let Some(res) = store.registry.find(api_version, plural_or_kind) else { return Vec::new() };
+        store.objects(res).map(|m| m.values().map(|o| (**o).clone()).collect()).unwrap_or_default()
+    }
+
     /// The current global resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.store.lock().rv()

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use hyper::body::Frame;
 use serde_json::{Value, json};
 use tokio::{
-    sync::mpsc,
+    sync::{mpsc, watch},
     time::{Instant, sleep, sleep_until},
 };
 use tracing::debug;
@@ -130,16 +130,23 @@ impl Watch {
 
     /// Runs the watch until it ends.
     pub(crate) async fn run(self) {
+        // Subscribe before counting the watch as open: a test that saw it open and then asks for a
+        // cut must find the cut newer than what this watch has seen.
+        let mut ctl_rx = self.shared.control.subscribe();
+        let seen: Control = ctl_rx.borrow_and_update().clone();
+        let mut rv_rx = self.shared.rv_tx.subscribe();
+        rv_rx.borrow_and_update();
         let _open = crate::server::OpenWatch::new(self.shared.clone(), self.res);
-        let _ = self.run_inner().await;
+        let _ = self.run_inner(ctl_rx, seen, rv_rx).await;
         debug!(kind = %self.kind, "watch ended");
     }
 
-    async fn run_inner(&self) -> Result<(), Stop> {
-        let mut ctl_rx = self.shared.control.subscribe();
-        let mut seen: Control = ctl_rx.borrow_and_update().clone();
-        let mut rv_rx = self.shared.rv_tx.subscribe();
-        rv_rx.borrow_and_update();
+    async fn run_inner(
+        &self,
+        mut ctl_rx: watch::Receiver<Control>,
+        mut seen: Control,
+        mut rv_rx: watch::Receiver<u64>,
+    ) -> Result<(), Stop> {
         let deadline = self.params.timeout.map(|t| Instant::now() + t);
         let mut next_bookmark = Instant::now() + seen.bookmark_interval;
         let mut cut_pending = false;
@@ -202,7 +209,8 @@ impl Watch {
             bookmark_due = false;
 
             tokio::select! {
-                _ = rv_rx.changed() => {}
+                // Test controls first: a cut asked for before a write must happen before it.
+                biased;
                 changed = ctl_rx.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -219,6 +227,7 @@ impl Watch {
                     }
                     seen = ctl;
                 }
+                _ = rv_rx.changed() => {}
                 () = sleep_until(next_bookmark), if self.params.bookmarks => {
                     bookmark_due = true;
                     next_bookmark = Instant::now() + seen.bookmark_interval;
