@@ -7,6 +7,7 @@ mod admin;
 mod check;
 mod deploy;
 mod harness;
+mod kube;
 mod lb_config;
 mod lb_health;
 mod lb_tcp;
