@@ -65,7 +65,9 @@ impl Source {
             Self::Files { dir, .. } => dir.display().to_string(),
             Self::Kube(options) => match &options.client {
                 ClientConfig::Kubeconfig(path) => format!("the API server of kubeconfig {}", path.display()),
-                ClientConfig::InCluster | ClientConfig::Infer => "the in-cluster API server".to_owned(),
+                ClientConfig::InCluster | ClientConfig::Infer => {
+                    "the in-cluster API server (neither --kubeconfig nor --config was given)".to_owned()
+                }
             },
         }
     }
@@ -144,7 +146,10 @@ impl Daemon {
                 tokio::spawn(async move { Ok(files.run(publisher, stop).await?) })
             }
             Source::Kube(options) => {
-                let kube = KubeSource::connect(options).await.inspect_err(|_| admin_stop.cancel())?;
+                let kube = KubeSource::connect(options)
+                    .await
+                    .inspect_err(|_| admin_stop.cancel())
+                    .with_context(|| format!("connecting to {description}"))?;
                 tokio::spawn(handle_signals(None, shutdown.clone()));
                 let stop = source_stop.clone();
                 tokio::spawn(async move {

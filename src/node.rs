@@ -71,6 +71,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
             node: node_name.clone(),
             proxy_name: args.service_proxy_name.clone(),
             min_sync_period: args.min_sync_period,
+            all_services: false,
         }),
     };
     let metrics = telemetry::init_metrics()?;

@@ -294,3 +294,20 @@ async fn api_source_survives_disconnects_410_and_restarts() {
     echo(&mut conn, "an API server restart").await;
     assert!(ferry.metric("ferry_kube_watch_errors_total", &[]) >= 1.0, "the outage is counted");
 }
+
+/// A kubeconfig that cannot be used stops `ferry node` at once, with the file named.
+#[test]
+fn a_broken_kubeconfig_is_named_and_fatal() {
+    let dir = ConfigDir::new();
+    dir.write("kubeconfig", "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 42}}\n");
+    let path = dir.path().join("kubeconfig");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["node", "--node-name", NODE, "--admin-address", "127.0.0.1:0"])
+        .args(["--metrics-bind-address", "127.0.0.1:0", "--kubeconfig"])
+        .arg(&path)
+        .output()
+        .expect("run ferry");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&*path.to_string_lossy()), "the file is not named: {stderr}");
+}

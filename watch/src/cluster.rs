@@ -75,6 +75,10 @@ pub struct KubeSourceOptions {
     pub proxy_name: Option<String>,
     /// Minimum time between two publishes; changes inside it are coalesced.
     pub min_sync_period: Duration,
+    /// Watch every Service and EndpointSlice instead of applying kube-proxy's label selector at
+    /// the API server: cluster DNS needs headless Services and those of other proxies. The index
+    /// still proxies only what [`proxy_name`](Self::proxy_name) selects.
+    pub all_services: bool,
 }
 
 /// Why a [`KubeSource`] could not start.
@@ -142,12 +146,15 @@ impl KubeSource {
         let mut index = Index::new(Some(NodeInfo { name: options.node.as_str().into(), zone: None }));
         index.set_proxy_name(options.proxy_name.as_deref());
 
-        let selector = proxy_selector(options.proxy_name.as_deref());
+        let selected = if options.all_services {
+            watcher::Config::default()
+        } else {
+            watcher::Config::default().labels(&proxy_selector(options.proxy_name.as_deref()))
+        };
         let node_field = format!("metadata.name={}", options.node);
         let mut updates = SelectAll::new();
-        updates.push(watch::<core::Service>(&client, watcher::Config::default().labels(&selector)));
-        updates
-            .push(watch::<discovery::EndpointSlice>(&client, watcher::Config::default().labels(&selector)));
+        updates.push(watch::<core::Service>(&client, selected.clone()));
+        updates.push(watch::<discovery::EndpointSlice>(&client, selected));
         updates.push(watch::<core::Node>(&client, watcher::Config::default().fields(&node_field)));
         let mut unsynced: BTreeSet<&'static str> =
             [core::Service::KIND, discovery::EndpointSlice::KIND, core::Node::KIND].into();

@@ -51,6 +51,7 @@ async fn run(api: ApiServer, proxy_name: Option<&str>, min_sync_period: Duration
         node: "node-a".to_owned(),
         proxy_name: proxy_name.map(str::to_owned),
         min_sync_period,
+        all_services: false,
     })
     .await
     .expect("connect");
