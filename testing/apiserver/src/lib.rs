@@ -20,6 +20,7 @@
 //! [`ApiServer::compact`], [`ApiServer::stop`]/[`ApiServer::restart`] on the same port,
 //! [`ApiServer::set_unavailable`] (503s), bookmarks, and request counters with bounded waits.
 
+pub mod fixtures;
 mod resource;
 mod selector;
 mod server;
@@ -104,7 +105,8 @@ impl ApiServer {
     /// # Panics
     /// If the runtime cannot be built or loopback cannot be bound (a broken test host).
     pub fn start() -> Self {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).expect("start the test API server on 127.0.0.1:0")
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("start the test API server on 127.0.0.1:0")
     }
 
     /// Starts a server on `addr` (port 0 picks a free one).
@@ -222,7 +224,10 @@ preferences: {{}}
         let rv = {
             let mut store = self.shared.store.lock();
             let res = store.registry.find(api_version, plural_or_kind).ok_or_else(|| {
-                ApplyError::UnknownResource { api_version: api_version.to_owned(), resource: plural_or_kind.to_owned() }
+                ApplyError::UnknownResource {
+                    api_version: api_version.to_owned(),
+                    resource: plural_or_kind.to_owned(),
+                }
             })?;
             let key = (namespace.unwrap_or_default().to_owned(), name.to_owned());
             store.delete(res, &key).ok_or_else(|| ApplyError::NotFound(format!("{}/{}", key.0, key.1)))?
@@ -232,12 +237,22 @@ preferences: {{}}
     }
 
     /// [`Self::delete`] for a k8s-openapi type.
-    pub fn delete_of<K: k8s_openapi::Resource>(&self, namespace: Option<&str>, name: &str) -> Result<u64, ApplyError> {
+    pub fn delete_of<K: k8s_openapi::Resource>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<u64, ApplyError> {
         self.delete(K::API_VERSION, K::URL_PATH_SEGMENT, namespace, name)
     }
 
     /// The stored object, if any.
-    pub fn get(&self, api_version: &str, plural_or_kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
+    pub fn get(
+        &self,
+        api_version: &str,
+        plural_or_kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<Value> {
         let store = self.shared.store.lock();
         let res = store.registry.find(api_version, plural_or_kind)?;
         let key = (namespace.unwrap_or_default().to_owned(), name.to_owned());
@@ -332,7 +347,12 @@ preferences: {{}}
 
     /// Blocks until `pred` holds for the counters of `id`, at most `timeout`; returns whether it held.
     /// Blocks the calling thread: from async code use [`Self::wait_for_async`].
-    pub fn wait_for(&self, id: &ResourceId, timeout: Duration, mut pred: impl FnMut(&ResourceStats) -> bool) -> bool {
+    pub fn wait_for(
+        &self,
+        id: &ResourceId,
+        timeout: Duration,
+        mut pred: impl FnMut(&ResourceStats) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         let mut stats = self.shared.stats.lock();
         loop {

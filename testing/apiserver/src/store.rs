@@ -178,7 +178,8 @@ impl Store {
         let rv = self.rv + 1;
         let mut obj = (*prev).clone();
         set_meta(&mut obj, "resourceVersion", rv.to_string().into());
-        let ev = Event { rv, res, ty: EventType::Deleted, key: key.clone(), obj: Arc::new(obj), prev: Some(prev) };
+        let ev =
+            Event { rv, res, ty: EventType::Deleted, key: key.clone(), obj: Arc::new(obj), prev: Some(prev) };
         self.push(ev);
         Some(rv)
     }
@@ -188,9 +189,10 @@ impl Store {
         self.history.push_back(ev);
         if self.history.len() > MAX_HISTORY {
             let drop = self.history.len() - MAX_HISTORY / 2;
-            if let Some(last) = self.history.drain(..drop).last() {
+            if let Some(last) = self.history.get(drop - 1) {
                 self.compacted = last.rv;
             }
+            self.history.drain(..drop);
         }
     }
 
@@ -257,27 +259,31 @@ mod tests {
     #[test]
     fn writes_fill_metadata_and_history_reconstructs_old_states() {
         let mut s = Store::new();
-        let r1 = s.apply(svc("a", 80)).unwrap();
+        let r1 = s.apply(svc("a", 80)).expect("apply");
         assert_eq!(r1, 2);
-        assert_eq!(s.apply(svc("a", 80)).unwrap(), 2, "identical update is a no-op");
-        let r2 = s.apply(svc("a", 81)).unwrap();
-        let r3 = s.apply(svc("b", 80)).unwrap();
-        let res = s.registry.find("v1", "services").unwrap();
-        let a = s.get(res, &("ns".into(), "a".into())).unwrap();
+        assert_eq!(s.apply(svc("a", 80)).expect("apply"), 2, "identical update is a no-op");
+        let r2 = s.apply(svc("a", 81)).expect("apply");
+        let r3 = s.apply(svc("b", 80)).expect("apply");
+        let res = s.registry.find("v1", "services").expect("services registered");
+        let a = s.get(res, &("ns".into(), "a".into())).expect("get");
         assert_eq!(a["metadata"]["resourceVersion"], json!(r2.to_string()));
         assert_eq!(a["metadata"]["generation"], json!(2));
         assert!(a["metadata"]["uid"].is_string());
         assert!(a["metadata"]["creationTimestamp"].is_string());
-        let r4 = s.delete(res, &("ns".into(), "a".into())).unwrap();
+        let r4 = s.delete(res, &("ns".into(), "a".into())).expect("delete object");
         assert_eq!(r4, r3 + 1);
-        assert_eq!(s.state_at(res, r1).unwrap().len(), 1);
-        assert_eq!(s.state_at(res, r1).unwrap().values().next().unwrap()["spec"]["ports"][0]["port"], json!(80));
-        assert_eq!(s.state_at(res, r3).unwrap().len(), 2);
-        assert_eq!(s.state_at(res, r4).unwrap().len(), 1);
-        assert_eq!(s.events_after(res, r1).unwrap().len(), 3);
+        assert_eq!(s.state_at(res, r1).expect("history kept").len(), 1);
+        assert_eq!(
+            s.state_at(res, r1).expect("history kept").values().next().expect("one object")["spec"]["ports"]
+                [0]["port"],
+            json!(80)
+        );
+        assert_eq!(s.state_at(res, r3).expect("history kept").len(), 2);
+        assert_eq!(s.state_at(res, r4).expect("history kept").len(), 1);
+        assert_eq!(s.events_after(res, r1).expect("history kept").len(), 3);
         s.compact();
         assert!(s.state_at(res, r3).is_err());
         assert!(s.events_after(res, r3).is_err());
-        assert!(s.events_after(res, r4).unwrap().is_empty());
+        assert!(s.events_after(res, r4).expect("history kept").is_empty());
     }
 }

@@ -25,8 +25,8 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    server::{Control, Shared},
     selector::{FieldSelector, LabelSelector},
+    server::{Control, Shared},
     store::{Event, EventType, set_meta},
 };
 
@@ -64,9 +64,11 @@ enum Stop {
 
 impl Watch {
     fn passes(&self, obj: &Value) -> bool {
-        let ns_ok = self.params.namespace.as_deref().is_none_or(|ns| {
-            obj.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns)
-        });
+        let ns_ok = self
+            .params
+            .namespace
+            .as_deref()
+            .is_none_or(|ns| obj.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns));
         ns_ok && self.params.labels.matches(obj) && self.params.fields.matches(obj)
     }
 
@@ -184,7 +186,10 @@ impl Watch {
             rv_rx.borrow_and_update();
             let batch = {
                 let store = self.shared.store.lock();
-                store.events_after(self.res, cursor).map(|evs| (evs, store.rv())).map_err(|_| store.compacted())
+                store
+                    .events_after(self.res, cursor)
+                    .map(|evs| (evs, store.rv()))
+                    .map_err(|_| store.compacted())
             };
             let (events, now_rv) = match batch {
                 Ok(b) => b,
