@@ -18,7 +18,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt,
-    api::{ListParams, WatchEvent, WatchParams},
+    api::{ListParams, VersionMatch, WatchEvent, WatchParams},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
@@ -247,8 +247,18 @@ async fn pagination_across_continue_pages_is_a_consistent_snapshot() {
         80
     );
 
-    // After compaction the token is too old.
+    // An exact-revision list shows the state at that revision.
+    let first_rv = first.metadata.resource_version.clone().expect("list resourceVersion");
+    let exact = ListParams::default().at(&first_rv).matching(VersionMatch::Exact);
+    let old = api.list(&exact).await.expect("exact list");
+    assert_eq!(old.items.len(), 1200);
+    assert_eq!(old.metadata.resource_version.as_deref(), Some(first_rv.as_str()));
+    assert_eq!(api.list(&ListParams::default()).await.expect("list").items.len(), 1199);
+
+    // After compaction the token (and the exact revision) is too old.
     server.compact();
+    let err = api.list(&exact).await.expect_err("compacted revision");
+    assert!(matches!(&err, kube::Error::Api(s) if s.code == 410 && s.reason == "Expired"), "{err:?}");
     let err = api
         .list(&ListParams::default().limit(1000).continue_token(&token))
         .await
@@ -553,4 +563,48 @@ async fn endpoint_slices_and_cluster_scoped_kinds() {
     assert_eq!(nodes.get("n1").await.expect("get").labels()["zone"], "a");
     server.delete_of::<Node>(None, "n1").expect("delete object");
     assert!(nodes.list(&ListParams::default()).await.expect("list").items.is_empty());
+}
+
+#[test]
+fn unknown_kinds_are_served_generically() {
+    let server = ApiServer::start();
+    let widget = json!({"apiVersion": "example.com/v1alpha1", "kind": "Widget",
+                        "metadata": {"name": "w", "namespace": "ns"}, "spec": {"size": 3}});
+    server.apply(&widget).expect("apply a CRD object");
+    let list = raw_request(&server, "/apis/example.com/v1alpha1/namespaces/ns/widgets", true);
+    assert!(list.starts_with("HTTP/1.1 200") && list.contains(r#""kind":"WidgetList""#), "{list}");
+    assert!(list.contains(r#""size":3"#), "{list}");
+    let one = raw_request(&server, "/apis/example.com/v1alpha1/namespaces/ns/widgets/w", true);
+    assert!(one.contains(r#""uid":"#) && one.contains(r#""generation":1"#), "{one}");
+    server.register(ferry_test_apiserver::ResourceType::new(
+        "example.com",
+        "v1alpha1",
+        "gizmos",
+        "Gizmo",
+        false,
+    ));
+    let empty = raw_request(&server, "/apis/example.com/v1alpha1/gizmos", true);
+    assert!(empty.contains(r#""items":[]"#), "{empty}");
+}
+
+#[test]
+fn benchmark_binary_serves_and_churns() {
+    use std::{
+        io::BufRead,
+        process::{Command, Stdio},
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-test-apiserver"))
+        .args(["--services", "20", "--endpoints-per-service", "3", "--churn-ms", "5", "--churn-count", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the binary");
+    let stdout = child.stdout.take().expect("stdout");
+    let lines: Vec<String> =
+        std::io::BufReader::new(stdout).lines().take(5).map(|l| l.expect("line")).collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(lines[0].starts_with("listening http://127.0.0.1:"), "{lines:?}");
+    assert!(lines[1].starts_with("loaded services=20 endpoints=60 resourceVersion=41"), "{lines:?}");
+    assert!(lines[2..].iter().all(|l| l.starts_with("change unix_nanos=")), "{lines:?}");
+    assert!(lines[4].ends_with("resourceVersion=44"), "{lines:?}");
 }
