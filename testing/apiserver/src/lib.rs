@@ -19,6 +19,26 @@
 //! Test controls: cut watches ([`ApiServer::disconnect_watches`], [`ApiServer::disconnect_mid_event`]),
 //! [`ApiServer::compact`], [`ApiServer::stop`]/[`ApiServer::restart`] on the same port,
 //! [`ApiServer::set_unavailable`] (503s), bookmarks, and request counters with bounded waits.
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use ferry_test_apiserver::{ApiServer, ResourceId};
+//! use serde_json::json;
+//!
+//! let server = ApiServer::start();
+//! let rv = server
+//!     .apply(json!({"apiVersion": "v1", "kind": "Service",
+//!                   "metadata": {"name": "web", "namespace": "default"},
+//!                   "spec": {"ports": [{"port": 80}]}}))
+//!     .expect("a valid object");
+//! assert_eq!(rv, server.resource_version());
+//! let kubeconfig = server.kubeconfig(); // hand this to kube::Config::from_custom_kubeconfig
+//! assert!(kubeconfig.contains(&server.url()));
+//! // A client that lists and watches Services shows up in the counters:
+//! let services = ResourceId::core("services");
+//! assert!(!server.wait_for_open_watches(&services, 1, Duration::from_millis(10)));
+//! ```
 
 pub mod fixtures;
 mod resource;
@@ -266,6 +286,15 @@ preferences: {{}}
         store.objects(res).map(|m| m.values().map(|o| (**o).clone()).collect()).unwrap_or_default()
     }
 
+    /// The stored object of a k8s-openapi type, if any (and if it deserializes).
+    pub fn get_of<K>(&self, namespace: Option<&str>, name: &str) -> Option<K>
+    where
+        K: k8s_openapi::Resource + serde::de::DeserializeOwned,
+    {
+        let obj = self.get(K::API_VERSION, K::URL_PATH_SEGMENT, namespace, name)?;
+        serde_json::from_value(obj).ok()
+    }
+
     /// The current global resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.store.lock().rv()
@@ -387,6 +416,11 @@ preferences: {{}}
         check.await.is_ok()
     }
 
+    /// Waits until at least `n` watches of `id` are open, at most `timeout`.
+    pub async fn wait_for_open_watches_async(&self, id: &ResourceId, n: u64, timeout: Duration) -> bool {
+        self.wait_for_async(id, timeout, |s| s.open_watches >= n).await
+    }
+
     /// Blocks until at least `n` watches of `id` are open, at most `timeout`.
     pub fn wait_for_open_watches(&self, id: &ResourceId, n: u64, timeout: Duration) -> bool {
         self.wait_for(id, timeout, |s| s.open_watches >= n)
@@ -405,5 +439,32 @@ impl Drop for ApiServer {
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiServer").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ApiServer>();
+    }
+
+    #[test]
+    fn typed_get_and_delete() {
+        use k8s_openapi::api::core::v1::Node;
+        let server = ApiServer::start();
+        let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}});
+        let rv = server.apply(&node).expect("apply");
+        let got: Node = server.get_of(None, "n1").expect("stored");
+        assert_eq!(got.metadata.resource_version, Some(rv.to_string()));
+        assert_eq!(server.delete_of::<Node>(None, "n1").expect("delete"), rv + 1);
+        assert!(matches!(server.delete_of::<Node>(None, "n1"), Err(ApplyError::NotFound(_))));
+        assert!(matches!(
+            server.apply(serde_json::json!({"kind": "Node"})),
+            Err(ApplyError::MissingField(_))
+        ));
     }
 }
