@@ -608,3 +608,37 @@ fn benchmark_binary_serves_and_churns() {
     assert!(lines[2..].iter().all(|l| l.starts_with("change unix_nanos=")), "{lines:?}");
     assert!(lines[4].ends_with("resourceVersion=44"), "{lines:?}");
 }
+
+/// The benchmark's scale: 10,000 Services and 10,000 EndpointSlices (100,000 endpoints) synced by
+/// two kube-runtime watchers, then churn. Slow in debug builds: run with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "scale test (about 10 s in a debug build)"]
+async fn scale_10k_services_100k_endpoints() {
+    let server = ApiServer::start();
+    let started = std::time::Instant::now();
+    server.apply_all(ferry_test_apiserver::fixtures::cluster("default", 10_000, 10)).expect("load");
+    eprintln!("loaded in {:?}", started.elapsed());
+    let client = client(&server).await;
+    let started = std::time::Instant::now();
+    let mut svcs = Mirror::start(Api::<Service>::all(client.clone()), watcher::Config::default());
+    let mut slices = Mirror::start(Api::<EndpointSlice>::all(client), watcher::Config::default());
+    svcs.wait("10k services", |v| v.objects.len() == 10_000).await;
+    slices.wait("10k slices", |v| v.objects.len() == 10_000).await;
+    eprintln!("synced in {:?}", started.elapsed());
+    assert_eq!(server.stats(&ResourceId::endpoint_slices()).lists, 20);
+    let started = std::time::Instant::now();
+    for i in 0..100 {
+        let name = ferry_test_apiserver::fixtures::service_name(i);
+        let mut addrs = ferry_test_apiserver::fixtures::endpoint_addresses(i, 10);
+        addrs[0] = std::net::Ipv4Addr::new(10, 200, 0, i as u8);
+        let slice = ferry_test_apiserver::fixtures::endpoint_slice(
+            "default",
+            &name,
+            &format!("{name}-abcde"),
+            &addrs,
+        );
+        server.apply(slice).expect("churn");
+    }
+    slices.converge(&server, "discovery.k8s.io/v1", "endpointslices").await;
+    eprintln!("100 changes seen in {:?}", started.elapsed());
+}
