@@ -419,6 +419,10 @@ async fn restart_on_the_same_port() {
     server.restart().expect("restart");
     let view = mirror.converge(&server, "v1", "services").await;
     assert_eq!(view.objects.len(), 2);
+    assert_eq!(
+        view.inits, 2,
+        "the restarted server's history starts after the client's resourceVersion: 410, relist"
+    );
     assert!(server.resource_version() >= rv_before);
     server.apply(svc("c", 80, &json!({}))).expect("apply object");
     mirror.converge(&server, "v1", "services").await;
