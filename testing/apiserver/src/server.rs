@@ -349,8 +349,8 @@ fn decode_continue(token: &str) -> Option<(u64, ObjKey)> {
     Some((rv, (ns.to_owned(), name.to_owned())))
 }
 
-fn too_large(rv: u64) -> Response<Body> {
-    let mut s = status_json(504, "Timeout", &format!("Too large resource version: {rv}, current: less"));
+fn too_large(rv: u64, current: u64) -> Response<Body> {
+    let mut s = status_json(504, "Timeout", &format!("Too large resource version: {rv}, current: {current}"));
     s["details"] = json!({"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
                           "retryAfterSeconds": 1});
     json_response(StatusCode::GATEWAY_TIMEOUT, &s)
@@ -397,7 +397,7 @@ fn list(shared: &Shared, res: usize, ty: &ResourceType, ns: Option<&str>, q: &Qu
             }
             // Unset: most recent (consistent read); "0": any, we serve the latest.
             (None, None) | (Some(0), None | Some("NotOlderThan")) => (current, None),
-            (Some(rv), None | Some("NotOlderThan")) if rv > current => return too_large(rv),
+            (Some(rv), None | Some("NotOlderThan")) if rv > current => return too_large(rv, current),
             (Some(_), None | Some("NotOlderThan")) => (current, None),
             (Some(0), Some("Exact")) => {
                 return status(
@@ -406,7 +406,7 @@ fn list(shared: &Shared, res: usize, ty: &ResourceType, ns: Option<&str>, q: &Qu
                     "resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\"",
                 );
             }
-            (Some(rv), Some("Exact")) if rv > current => return too_large(rv),
+            (Some(rv), Some("Exact")) if rv > current => return too_large(rv, current),
             (Some(rv), Some("Exact")) => (rv, None),
             (Some(_), Some(other)) => {
                 return status(422, "Invalid", &format!("unsupported resourceVersionMatch {other:?}"));
