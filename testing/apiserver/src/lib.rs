@@ -317,6 +317,13 @@ preferences: {{}}
         self.shared.store.lock().compact();
     }
 
+    /// Sets how many events the history keeps before compacting its oldest half away (default
+    /// 100,000), like etcd's periodic compaction bounds memory; watches that fall that far behind
+    /// get 410.
+    pub fn set_history_limit(&self, events: usize) {
+        self.shared.store.lock().set_history_limit(events);
+    }
+
     /// Closes the listener and all connections: clients get "connection refused" until
     /// [`Self::restart`]. Objects are kept. No-op when already stopped.
     pub fn stop(&self) {

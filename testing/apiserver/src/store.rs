@@ -29,9 +29,9 @@ pub(crate) type ObjKey = (String, String);
 /// Objects of one resource, in key order.
 pub(crate) type Objects = BTreeMap<ObjKey, Arc<Value>>;
 
-/// The history never grows past this many events: older ones are compacted away (as etcd's
-/// periodic compaction does).
-const MAX_HISTORY: usize = 1_000_000;
+/// By default the history never grows past this many events: older ones are compacted away (as
+/// etcd's periodic compaction does), which bounds memory in long churn benchmarks.
+pub(crate) const DEFAULT_HISTORY_LIMIT: usize = 100_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum EventType {
@@ -64,6 +64,7 @@ pub(crate) struct Store {
     compacted: u64,
     objects: Vec<Objects>,
     history: VecDeque<Event>,
+    history_limit: usize,
     next_uid: u64,
 }
 
@@ -73,7 +74,15 @@ impl Store {
     pub(crate) fn new() -> Self {
         let registry = Registry::with_defaults();
         // etcd starts at revision 1 for an empty cluster.
-        Self { registry, rv: 1, compacted: 1, objects: Vec::new(), history: VecDeque::new(), next_uid: 1 }
+        Self {
+            registry,
+            rv: 1,
+            compacted: 1,
+            objects: Vec::new(),
+            history: VecDeque::new(),
+            history_limit: DEFAULT_HISTORY_LIMIT,
+            next_uid: 1,
+        }
     }
 
     /// The current global resourceVersion.
@@ -187,13 +196,18 @@ impl Store {
     fn push(&mut self, ev: Event) {
         self.rv = ev.rv;
         self.history.push_back(ev);
-        if self.history.len() > MAX_HISTORY {
-            let drop = self.history.len() - MAX_HISTORY / 2;
+        if self.history.len() > self.history_limit {
+            let drop = self.history.len() - self.history_limit / 2;
             if let Some(last) = self.history.get(drop - 1) {
                 self.compacted = last.rv;
             }
             self.history.drain(..drop);
         }
+    }
+
+    /// Sets the number of events kept before the oldest half is compacted away (at least 2).
+    pub(crate) fn set_history_limit(&mut self, limit: usize) {
+        self.history_limit = limit.max(2);
     }
 
     /// Forgets all history up to now.
@@ -285,5 +299,15 @@ mod tests {
         assert!(s.state_at(res, r3).is_err());
         assert!(s.events_after(res, r3).is_err());
         assert!(s.events_after(res, r4).expect("history kept").is_empty());
+
+        // Automatic compaction keeps the newest half of the limit.
+        s.set_history_limit(4);
+        for port in 1..=5 {
+            s.apply(svc("c", port)).expect("apply");
+        }
+        assert_eq!(s.history.len(), 2, "the 5th event exceeds 4: the oldest 3 are dropped");
+        assert_eq!(s.compacted(), s.rv() - 2);
+        assert!(s.events_after(res, s.rv() - 3).is_err());
+        assert_eq!(s.events_after(res, s.rv() - 2).expect("kept").len(), 2);
     }
 }
