@@ -300,7 +300,8 @@ preferences: {{}}
         self.shared.store.lock().rv()
     }
 
-    /// Cuts every open watch stream now (the connection closes without the final chunk).
+    /// Cuts every open watch stream now: the connection closes without the final chunk, and events
+    /// not yet written to a stream are not (the client must resume from its last resourceVersion).
     pub fn disconnect_watches(&self) {
         self.shared.control.send_modify(|c| c.disconnect += 1);
     }

@@ -348,25 +348,47 @@ fn raw_request(server: &ApiServer, path_and_query: &str, auth: bool) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Starts a raw HTTP/1.1 watch request on a thread; it returns all bytes read until the server
+/// closes the connection (or the read timeout).
+fn raw_watch(server: &ApiServer, path: &str) -> std::thread::JoinHandle<String> {
+    let (addr, path) = (server.addr(), path.to_owned());
+    std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(WAIT)).expect("socket option");
+        let token = ferry_test_apiserver::TOKEN;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("write request");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+#[test]
+fn disconnect_closes_without_the_final_chunk_and_timeout_with_it() {
+    let server = ApiServer::start();
+    let watcher = raw_watch(&server, "/api/v1/services?watch=1");
+    assert!(server.wait_for_open_watches(&services(), 1, WAIT));
+    server.disconnect_watches();
+    let raw = watcher.join().expect("watcher thread");
+    assert!(raw.starts_with("HTTP/1.1 200 OK") && raw.contains("transfer-encoding: chunked"), "{raw}");
+    assert!(!raw.ends_with("0\r\n\r\n"), "cut: the connection closes without the final chunk: {raw}");
+    assert!(server.wait_for(&services(), WAIT, |s| s.open_watches == 0), "watch closed");
+
+    let watcher = raw_watch(&server, "/api/v1/services?watch=true&timeoutSeconds=1&resourceVersion=1");
+    let raw = watcher.join().expect("watcher thread");
+    assert!(raw.ends_with("0\r\n\r\n"), "timeoutSeconds ends the stream with the final chunk: {raw}");
+}
+
 #[test]
 fn mid_event_cut_leaves_a_partial_line_on_the_wire() {
     let server = ApiServer::start();
     server.apply(svc("a", 80, &json!({}))).expect("apply object");
     let rv = server.resource_version();
-    let watcher = {
-        let path = format!("/api/v1/services?watch=true&resourceVersion={rv}");
-        let addr = server.addr();
-        std::thread::spawn(move || {
-            let mut s = TcpStream::connect(addr).expect("connect");
-            s.set_read_timeout(Some(WAIT)).expect("socket option");
-            let token = ferry_test_apiserver::TOKEN;
-            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n")
-                .expect("write request");
-            let mut out = Vec::new();
-            let _ = s.read_to_end(&mut out);
-            String::from_utf8_lossy(&out).into_owned()
-        })
-    };
+    let watcher = raw_watch(&server, &format!("/api/v1/services?watch=true&resourceVersion={rv}"));
     assert!(server.wait_for_open_watches(&services(), 1, WAIT));
     server.disconnect_mid_event();
     server.apply(svc("b", 80, &json!({}))).expect("apply object");
