@@ -223,13 +223,14 @@ preferences: {{}}
     /// Stops at the first refused object; the ones before it stay written.
     pub fn apply_all<T: Serialize>(&self, objs: impl IntoIterator<Item = T>) -> Result<u64, ApplyError> {
         let values = objs.into_iter().map(serde_json::to_value).collect::<Result<Vec<Value>, _>>()?;
-        let result = {
+        let (result, rv) = {
             let mut store = self.shared.store.lock();
-            values.into_iter().try_fold(store.rv(), |_, v| store.apply(v)).map(|rv| (rv, store.rv()))
+            let result = values.into_iter().try_for_each(|v| store.apply(v).map(drop));
+            (result, store.rv())
         };
-        let rv = self.shared.store.lock().rv();
+        // Wake watches even after a refused object: the ones before it are written.
         self.shared.rv_tx.send_replace(rv);
-        result.map(|(rv, _)| rv)
+        result.map(|()| rv)
     }
 
     /// Deletes an object given its apiVersion (`v1`, `discovery.k8s.io/v1`), plural or kind, namespace
