@@ -19,7 +19,28 @@
 //! Test controls: cut watches ([`ApiServer::disconnect_watches`], [`ApiServer::disconnect_mid_event`]),
 //! [`ApiServer::compact`], [`ApiServer::stop`]/[`ApiServer::restart`] on the same port,
 //! [`ApiServer::set_unavailable`] (503s), bookmarks, and request counters with bounded waits.
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use ferry_test_apiserver::{ApiServer, ResourceId};
+//! use serde_json::json;
+//!
+//! let server = ApiServer::start();
+//! let rv = server
+//!     .apply(json!({"apiVersion": "v1", "kind": "Service",
+//!                   "metadata": {"name": "web", "namespace": "default"},
+//!                   "spec": {"ports": [{"port": 80}]}}))
+//!     .expect("a valid object");
+//! assert_eq!(rv, server.resource_version());
+//! let kubeconfig = server.kubeconfig(); // hand this to kube::Config::from_custom_kubeconfig
+//! assert!(kubeconfig.contains(&server.url()));
+//! // A client that lists and watches Services shows up in the counters:
+//! let services = ResourceId::core("services");
+//! assert!(!server.wait_for_open_watches(&services, 1, Duration::from_millis(10)));
+//! ```
 
+pub mod fixtures;
 mod resource;
 mod selector;
 mod server;
@@ -104,7 +125,8 @@ impl ApiServer {
     /// # Panics
     /// If the runtime cannot be built or loopback cannot be bound (a broken test host).
     pub fn start() -> Self {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).expect("start the test API server on 127.0.0.1:0")
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("start the test API server on 127.0.0.1:0")
     }
 
     /// Starts a server on `addr` (port 0 picks a free one).
@@ -201,13 +223,14 @@ preferences: {{}}
     /// Stops at the first refused object; the ones before it stay written.
     pub fn apply_all<T: Serialize>(&self, objs: impl IntoIterator<Item = T>) -> Result<u64, ApplyError> {
         let values = objs.into_iter().map(serde_json::to_value).collect::<Result<Vec<Value>, _>>()?;
-        let result = {
+        let (result, rv) = {
             let mut store = self.shared.store.lock();
-            values.into_iter().try_fold(store.rv(), |_, v| store.apply(v)).map(|rv| (rv, store.rv()))
+            let result = values.into_iter().try_for_each(|v| store.apply(v).map(drop));
+            (result, store.rv())
         };
-        let rv = self.shared.store.lock().rv();
+        // Wake watches even after a refused object: the ones before it are written.
         self.shared.rv_tx.send_replace(rv);
-        result.map(|(rv, _)| rv)
+        result.map(|()| rv)
     }
 
     /// Deletes an object given its apiVersion (`v1`, `discovery.k8s.io/v1`), plural or kind, namespace
@@ -222,7 +245,10 @@ preferences: {{}}
         let rv = {
             let mut store = self.shared.store.lock();
             let res = store.registry.find(api_version, plural_or_kind).ok_or_else(|| {
-                ApplyError::UnknownResource { api_version: api_version.to_owned(), resource: plural_or_kind.to_owned() }
+                ApplyError::UnknownResource {
+                    api_version: api_version.to_owned(),
+                    resource: plural_or_kind.to_owned(),
+                }
             })?;
             let key = (namespace.unwrap_or_default().to_owned(), name.to_owned());
             store.delete(res, &key).ok_or_else(|| ApplyError::NotFound(format!("{}/{}", key.0, key.1)))?
@@ -232,12 +258,22 @@ preferences: {{}}
     }
 
     /// [`Self::delete`] for a k8s-openapi type.
-    pub fn delete_of<K: k8s_openapi::Resource>(&self, namespace: Option<&str>, name: &str) -> Result<u64, ApplyError> {
+    pub fn delete_of<K: k8s_openapi::Resource>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<u64, ApplyError> {
         self.delete(K::API_VERSION, K::URL_PATH_SEGMENT, namespace, name)
     }
 
     /// The stored object, if any.
-    pub fn get(&self, api_version: &str, plural_or_kind: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
+    pub fn get(
+        &self,
+        api_version: &str,
+        plural_or_kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<Value> {
         let store = self.shared.store.lock();
         let res = store.registry.find(api_version, plural_or_kind)?;
         let key = (namespace.unwrap_or_default().to_owned(), name.to_owned());
@@ -251,12 +287,22 @@ preferences: {{}}
         store.objects(res).map(|m| m.values().map(|o| (**o).clone()).collect()).unwrap_or_default()
     }
 
+    /// The stored object of a k8s-openapi type, if any (and if it deserializes).
+    pub fn get_of<K>(&self, namespace: Option<&str>, name: &str) -> Option<K>
+    where
+        K: k8s_openapi::Resource + serde::de::DeserializeOwned,
+    {
+        let obj = self.get(K::API_VERSION, K::URL_PATH_SEGMENT, namespace, name)?;
+        serde_json::from_value(obj).ok()
+    }
+
     /// The current global resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.store.lock().rv()
     }
 
-    /// Cuts every open watch stream now (the connection closes without the final chunk).
+    /// Cuts every open watch stream now: the connection closes without the final chunk, and events
+    /// not yet written to a stream are not (the client must resume from its last resourceVersion).
     pub fn disconnect_watches(&self) {
         self.shared.control.send_modify(|c| c.disconnect += 1);
     }
@@ -271,6 +317,13 @@ preferences: {{}}
     /// older continue tokens and exact-revision lists get 410.
     pub fn compact(&self) {
         self.shared.store.lock().compact();
+    }
+
+    /// Sets how many events the history keeps before compacting its oldest half away (default
+    /// 100,000), like etcd's periodic compaction bounds memory; watches that fall that far behind
+    /// get 410.
+    pub fn set_history_limit(&self, events: usize) {
+        self.shared.store.lock().set_history_limit(events);
     }
 
     /// Closes the listener and all connections: clients get "connection refused" until
@@ -332,7 +385,12 @@ preferences: {{}}
 
     /// Blocks until `pred` holds for the counters of `id`, at most `timeout`; returns whether it held.
     /// Blocks the calling thread: from async code use [`Self::wait_for_async`].
-    pub fn wait_for(&self, id: &ResourceId, timeout: Duration, mut pred: impl FnMut(&ResourceStats) -> bool) -> bool {
+    pub fn wait_for(
+        &self,
+        id: &ResourceId,
+        timeout: Duration,
+        mut pred: impl FnMut(&ResourceStats) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         let mut stats = self.shared.stats.lock();
         loop {
@@ -367,6 +425,11 @@ preferences: {{}}
         check.await.is_ok()
     }
 
+    /// Waits until at least `n` watches of `id` are open, at most `timeout`.
+    pub async fn wait_for_open_watches_async(&self, id: &ResourceId, n: u64, timeout: Duration) -> bool {
+        self.wait_for_async(id, timeout, |s| s.open_watches >= n).await
+    }
+
     /// Blocks until at least `n` watches of `id` are open, at most `timeout`.
     pub fn wait_for_open_watches(&self, id: &ResourceId, n: u64, timeout: Duration) -> bool {
         self.wait_for(id, timeout, |s| s.open_watches >= n)
@@ -385,5 +448,32 @@ impl Drop for ApiServer {
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiServer").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ApiServer>();
+    }
+
+    #[test]
+    fn typed_get_and_delete() {
+        use k8s_openapi::api::core::v1::Node;
+        let server = ApiServer::start();
+        let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}});
+        let rv = server.apply(&node).expect("apply");
+        let got: Node = server.get_of(None, "n1").expect("stored");
+        assert_eq!(got.metadata.resource_version, Some(rv.to_string()));
+        assert_eq!(server.delete_of::<Node>(None, "n1").expect("delete"), rv + 1);
+        assert!(matches!(server.delete_of::<Node>(None, "n1"), Err(ApplyError::NotFound(_))));
+        assert!(matches!(
+            server.apply(serde_json::json!({"kind": "Node"})),
+            Err(ApplyError::MissingField(_))
+        ));
     }
 }

@@ -90,7 +90,8 @@ impl ResourceType {
 impl Registry {
     /// A registry with the well-known kinds.
     pub(crate) fn with_defaults() -> Self {
-        let core = |plural: &str, kind: &str, namespaced| ResourceType::new("", "v1", plural, kind, namespaced);
+        let core =
+            |plural: &str, kind: &str, namespaced| ResourceType::new("", "v1", plural, kind, namespaced);
         let types = vec![
             core("services", "Service", true),
             core("endpoints", "Endpoints", true),
@@ -106,7 +107,13 @@ impl Registry {
             ResourceType::new("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass", false),
             ResourceType::new("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute", true),
             ResourceType::new("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute", true),
-            ResourceType::new("gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant", true),
+            ResourceType::new(
+                "gateway.networking.k8s.io",
+                "v1beta1",
+                "referencegrants",
+                "ReferenceGrant",
+                true,
+            ),
             ResourceType::new("gateway.networking.k8s.io", "v1alpha2", "tcproutes", "TCPRoute", true),
             ResourceType::new("gateway.networking.k8s.io", "v1alpha2", "udproutes", "UDPRoute", true),
             ResourceType::new("gateway.networking.k8s.io", "v1alpha2", "tlsroutes", "TLSRoute", true),

@@ -191,7 +191,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj(labels: Value) -> Value {
+    fn obj(labels: &Value) -> Value {
         json!({"metadata": {"name": "a", "namespace": "ns", "labels": labels}})
     }
 
@@ -199,31 +199,31 @@ mod tests {
     fn kube_proxy_selector() {
         let sel =
             LabelSelector::parse("!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless")
-                .unwrap();
-        assert!(sel.matches(&obj(json!({"app": "x"}))));
+                .expect("valid selector");
+        assert!(sel.matches(&obj(&json!({"app": "x"}))));
         assert!(sel.matches(&json!({"metadata": {"name": "a"}})));
-        assert!(!sel.matches(&obj(json!({"service.kubernetes.io/headless": ""}))));
-        assert!(!sel.matches(&obj(json!({"service.kubernetes.io/service-proxy-name": "cilium"}))));
+        assert!(!sel.matches(&obj(&json!({"service.kubernetes.io/headless": ""}))));
+        assert!(!sel.matches(&obj(&json!({"service.kubernetes.io/service-proxy-name": "cilium"}))));
     }
 
     #[test]
     fn set_and_equality_requirements() {
-        let sel = LabelSelector::parse("app in (a, b),tier notin (db),env!=prod,team,x==1").unwrap();
+        let sel = LabelSelector::parse("app in (a, b),tier notin (db),env!=prod,team,x==1").expect("parse");
         let base = json!({"app": "a", "env": "dev", "team": "t", "x": "1"});
-        assert!(sel.matches(&obj(base.clone())));
+        assert!(sel.matches(&obj(&base)));
         let mut o = base.clone();
         o["app"] = json!("c");
-        assert!(!sel.matches(&obj(o)));
+        assert!(!sel.matches(&obj(&o)));
         let mut o = base.clone();
         o["tier"] = json!("db");
-        assert!(!sel.matches(&obj(o)));
+        assert!(!sel.matches(&obj(&o)));
         let mut o = base.clone();
         o["env"] = json!("prod");
-        assert!(!sel.matches(&obj(o)));
+        assert!(!sel.matches(&obj(&o)));
         let mut o = base;
-        o.as_object_mut().unwrap().remove("team");
-        assert!(!sel.matches(&obj(o)));
-        assert!(LabelSelector::parse("").unwrap().is_empty());
+        o.as_object_mut().expect("labels object").remove("team");
+        assert!(!sel.matches(&obj(&o)));
+        assert!(LabelSelector::parse("").expect("parse").is_empty());
         assert!(LabelSelector::parse("a in (b").is_err());
         assert!(LabelSelector::parse("a b").is_err());
         assert!(LabelSelector::parse("a=b c").is_err());
@@ -231,9 +231,9 @@ mod tests {
 
     #[test]
     fn field_selectors() {
-        let sel = FieldSelector::parse("metadata.name=a,metadata.namespace!=kube-system").unwrap();
-        assert!(sel.matches(&obj(json!({}))));
-        assert!(!FieldSelector::parse("metadata.name==b").unwrap().matches(&obj(json!({}))));
+        let sel = FieldSelector::parse("metadata.name=a,metadata.namespace!=kube-system").expect("parse");
+        assert!(sel.matches(&obj(&json!({}))));
+        assert!(!FieldSelector::parse("metadata.name==b").expect("parse").matches(&obj(&json!({}))));
         assert!(FieldSelector::parse("spec.clusterIP=1").is_err());
     }
 }

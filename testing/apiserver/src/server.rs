@@ -128,7 +128,11 @@ impl Drop for OpenWatch {
 // === accept loop ===
 
 /// Serves connections on `listener` until told to stop (or the stop sender is dropped).
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<std::sync::mpsc::Sender<()>>) {
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<std::sync::mpsc::Sender<()>>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -275,7 +279,11 @@ fn route(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
         return not_found();
     }
     if req.method() != Method::GET {
-        return status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource");
+        return status(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        );
     }
     let query = Query::parse(req.uri().query().unwrap_or(""));
     match (&target.name, query.watch) {
@@ -286,7 +294,7 @@ fn route(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
         (Some(_), true) => status(405, "MethodNotAllowed", "watch a collection with a fieldSelector instead"),
         (None, true) => {
             shared.update_stats(&ty.id, |s| s.watches += 1);
-            start_watch(shared, res, ty, target.namespace, &query)
+            start_watch(shared, res, &ty, target.namespace, &query)
         }
         (None, false) => {
             shared.update_stats(&ty.id, |s| s.lists += 1);
@@ -295,14 +303,16 @@ fn route(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
     }
 }
 
-fn selectors(q: &Query) -> Result<(LabelSelector, FieldSelector), Response<Body>> {
-    let labels = LabelSelector::parse(&q.label_selector).map_err(|m| status(400, "BadRequest", &m))?;
-    let fields = FieldSelector::parse(&q.field_selector).map_err(|m| status(400, "BadRequest", &m))?;
+fn selectors(q: &Query) -> Result<(LabelSelector, FieldSelector), Box<Response<Body>>> {
+    let bad = |m: String| Box::new(status(400, "BadRequest", &m));
+    let labels = LabelSelector::parse(&q.label_selector).map_err(bad)?;
+    let fields = FieldSelector::parse(&q.field_selector).map_err(bad)?;
     Ok((labels, fields))
 }
 
-fn parse_rv(rv: &str) -> Result<u64, Response<Body>> {
-    rv.parse::<u64>().map_err(|_| status(400, "BadRequest", &format!("invalid resource version: {rv:?}")))
+fn parse_rv(rv: &str) -> Result<u64, Box<Response<Body>>> {
+    rv.parse::<u64>()
+        .map_err(|_| Box::new(status(400, "BadRequest", &format!("invalid resource version: {rv:?}"))))
 }
 
 // === GET ===
@@ -328,7 +338,7 @@ fn encode_continue(rv: u64, key: &ObjKey) -> String {
 }
 
 fn decode_continue(token: &str) -> Option<(u64, ObjKey)> {
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> =
@@ -339,8 +349,8 @@ fn decode_continue(token: &str) -> Option<(u64, ObjKey)> {
     Some((rv, (ns.to_owned(), name.to_owned())))
 }
 
-fn too_large(rv: u64) -> Response<Body> {
-    let mut s = status_json(504, "Timeout", &format!("Too large resource version: {rv}, current: less"));
+fn too_large(rv: u64, current: u64) -> Response<Body> {
+    let mut s = status_json(504, "Timeout", &format!("Too large resource version: {rv}, current: {current}"));
     s["details"] = json!({"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
                           "retryAfterSeconds": 1});
     json_response(StatusCode::GATEWAY_TIMEOUT, &s)
@@ -349,7 +359,7 @@ fn too_large(rv: u64) -> Response<Body> {
 fn list(shared: &Shared, res: usize, ty: &ResourceType, ns: Option<&str>, q: &Query) -> Response<Body> {
     let (labels, fields) = match selectors(q) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let limit = match q.limit.as_deref().map(str::parse::<usize>) {
         None => None,
@@ -361,7 +371,11 @@ fn list(shared: &Shared, res: usize, ty: &ResourceType, ns: Option<&str>, q: &Qu
     let current = store.rv();
     let (at, start) = if let Some(token) = &q.continue_ {
         if q.resource_version.is_some() {
-            return status(400, "BadRequest", "specifying resource version is not allowed when using continue");
+            return status(
+                400,
+                "BadRequest",
+                "specifying resource version is not allowed when using continue",
+            );
         }
         match decode_continue(token) {
             Some((rv, key)) => (rv, Some(key)),
@@ -371,20 +385,28 @@ fn list(shared: &Shared, res: usize, ty: &ResourceType, ns: Option<&str>, q: &Qu
         let rv = match q.resource_version.as_deref().map(parse_rv) {
             None => None,
             Some(Ok(rv)) => Some(rv),
-            Some(Err(r)) => return r,
+            Some(Err(r)) => return *r,
         };
         match (rv, q.resource_version_match.as_deref()) {
             (None, Some(_)) => {
-                return status(422, "Invalid", "resourceVersionMatch is forbidden unless resourceVersion is provided");
+                return status(
+                    422,
+                    "Invalid",
+                    "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                );
             }
             // Unset: most recent (consistent read); "0": any, we serve the latest.
             (None, None) | (Some(0), None | Some("NotOlderThan")) => (current, None),
-            (Some(rv), None | Some("NotOlderThan")) if rv > current => return too_large(rv),
+            (Some(rv), None | Some("NotOlderThan")) if rv > current => return too_large(rv, current),
             (Some(_), None | Some("NotOlderThan")) => (current, None),
             (Some(0), Some("Exact")) => {
-                return status(422, "Invalid", "resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\"");
+                return status(
+                    422,
+                    "Invalid",
+                    "resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\"",
+                );
             }
-            (Some(rv), Some("Exact")) if rv > current => return too_large(rv),
+            (Some(rv), Some("Exact")) if rv > current => return too_large(rv, current),
             (Some(rv), Some("Exact")) => (rv, None),
             (Some(_), Some(other)) => {
                 return status(422, "Invalid", &format!("unsupported resourceVersionMatch {other:?}"));
@@ -403,7 +425,11 @@ fn list(shared: &Shared, res: usize, ty: &ResourceType, ns: Option<&str>, q: &Qu
             );
         }
         Err(_) => {
-            return status(410, "Expired", &format!("too old resource version: {at} ({})", store.compacted()));
+            return status(
+                410,
+                "Expired",
+                &format!("too old resource version: {at} ({})", store.compacted()),
+            );
         }
     };
     drop(store);
@@ -469,15 +495,21 @@ impl Serialize for WithoutTypeMeta<'_> {
 
 // === WATCH ===
 
-fn start_watch(shared: &Arc<Shared>, res: usize, ty: ResourceType, ns: Option<String>, q: &Query) -> Response<Body> {
+fn start_watch(
+    shared: &Arc<Shared>,
+    res: usize,
+    ty: &ResourceType,
+    ns: Option<String>,
+    q: &Query,
+) -> Response<Body> {
     let (labels, fields) = match selectors(q) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let rv = match q.resource_version.as_deref().map(parse_rv) {
         None | Some(Ok(0)) => None,
         Some(Ok(rv)) => Some(rv),
-        Some(Err(r)) => return r,
+        Some(Err(r)) => return *r,
     };
     if q.send_initial_events {
         if q.resource_version_match.as_deref() != Some("NotOlderThan") {
@@ -487,7 +519,11 @@ fn start_watch(shared: &Arc<Shared>, res: usize, ty: ResourceType, ns: Option<St
             return status(422, "Invalid", "sendInitialEvents requires allowWatchBookmarks=true");
         }
     } else if q.resource_version_match.is_some() {
-        return status(422, "Invalid", "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided");
+        return status(
+            422,
+            "Invalid",
+            "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+        );
     }
     let timeout = match q.timeout_seconds.as_deref().map(str::parse::<u64>) {
         None => None,
@@ -527,7 +563,10 @@ impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = io::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.get_mut().0.poll_recv(cx)
     }
 }
@@ -564,11 +603,14 @@ mod tests {
 
     #[test]
     fn paths_and_continue_tokens() {
-        let t = parse_path("/api/v1/namespaces/ns/services/a").unwrap();
-        assert_eq!((t.id, t.namespace.as_deref(), t.name.as_deref()), (ResourceId::core("services"), Some("ns"), Some("a")));
-        let t = parse_path("/apis/discovery.k8s.io/v1/endpointslices").unwrap();
+        let t = parse_path("/api/v1/namespaces/ns/services/a").expect("valid path");
+        assert_eq!(
+            (t.id, t.namespace.as_deref(), t.name.as_deref()),
+            (ResourceId::core("services"), Some("ns"), Some("a"))
+        );
+        let t = parse_path("/apis/discovery.k8s.io/v1/endpointslices").expect("valid path");
         assert_eq!((t.id, t.namespace, t.name), (ResourceId::endpoint_slices(), None, None));
-        let t = parse_path("/api/v1/namespaces/kube-system").unwrap();
+        let t = parse_path("/api/v1/namespaces/kube-system").expect("valid path");
         assert_eq!((t.id.plural.as_str(), t.name.as_deref()), ("namespaces", Some("kube-system")));
         assert!(parse_path("/api/v1/namespaces/ns/services/a/status").is_none());
         let key = ("ns".to_owned(), "a".to_owned());

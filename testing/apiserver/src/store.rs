@@ -29,9 +29,9 @@ pub(crate) type ObjKey = (String, String);
 /// Objects of one resource, in key order.
 pub(crate) type Objects = BTreeMap<ObjKey, Arc<Value>>;
 
-/// The history never grows past this many events: older ones are compacted away (as etcd's
-/// periodic compaction does).
-const MAX_HISTORY: usize = 1_000_000;
+/// By default the history never grows past this many events: older ones are compacted away (as
+/// etcd's periodic compaction does), which bounds memory in long churn benchmarks.
+pub(crate) const DEFAULT_HISTORY_LIMIT: usize = 100_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum EventType {
@@ -64,6 +64,7 @@ pub(crate) struct Store {
     compacted: u64,
     objects: Vec<Objects>,
     history: VecDeque<Event>,
+    history_limit: usize,
     next_uid: u64,
 }
 
@@ -73,7 +74,15 @@ impl Store {
     pub(crate) fn new() -> Self {
         let registry = Registry::with_defaults();
         // etcd starts at revision 1 for an empty cluster.
-        Self { registry, rv: 1, compacted: 1, objects: Vec::new(), history: VecDeque::new(), next_uid: 1 }
+        Self {
+            registry,
+            rv: 1,
+            compacted: 1,
+            objects: Vec::new(),
+            history: VecDeque::new(),
+            history_limit: DEFAULT_HISTORY_LIMIT,
+            next_uid: 1,
+        }
     }
 
     /// The current global resourceVersion.
@@ -178,7 +187,8 @@ impl Store {
         let rv = self.rv + 1;
         let mut obj = (*prev).clone();
         set_meta(&mut obj, "resourceVersion", rv.to_string().into());
-        let ev = Event { rv, res, ty: EventType::Deleted, key: key.clone(), obj: Arc::new(obj), prev: Some(prev) };
+        let ev =
+            Event { rv, res, ty: EventType::Deleted, key: key.clone(), obj: Arc::new(obj), prev: Some(prev) };
         self.push(ev);
         Some(rv)
     }
@@ -186,12 +196,18 @@ impl Store {
     fn push(&mut self, ev: Event) {
         self.rv = ev.rv;
         self.history.push_back(ev);
-        if self.history.len() > MAX_HISTORY {
-            let drop = self.history.len() - MAX_HISTORY / 2;
-            if let Some(last) = self.history.drain(..drop).last() {
+        if self.history.len() > self.history_limit {
+            let drop = self.history.len() - self.history_limit / 2;
+            if let Some(last) = self.history.get(drop - 1) {
                 self.compacted = last.rv;
             }
+            self.history.drain(..drop);
         }
+    }
+
+    /// Sets the number of events kept before the oldest half is compacted away (at least 2).
+    pub(crate) fn set_history_limit(&mut self, limit: usize) {
+        self.history_limit = limit.max(2);
     }
 
     /// Forgets all history up to now.
@@ -257,27 +273,41 @@ mod tests {
     #[test]
     fn writes_fill_metadata_and_history_reconstructs_old_states() {
         let mut s = Store::new();
-        let r1 = s.apply(svc("a", 80)).unwrap();
+        let r1 = s.apply(svc("a", 80)).expect("apply");
         assert_eq!(r1, 2);
-        assert_eq!(s.apply(svc("a", 80)).unwrap(), 2, "identical update is a no-op");
-        let r2 = s.apply(svc("a", 81)).unwrap();
-        let r3 = s.apply(svc("b", 80)).unwrap();
-        let res = s.registry.find("v1", "services").unwrap();
-        let a = s.get(res, &("ns".into(), "a".into())).unwrap();
+        assert_eq!(s.apply(svc("a", 80)).expect("apply"), 2, "identical update is a no-op");
+        let r2 = s.apply(svc("a", 81)).expect("apply");
+        let r3 = s.apply(svc("b", 80)).expect("apply");
+        let res = s.registry.find("v1", "services").expect("services registered");
+        let a = s.get(res, &("ns".into(), "a".into())).expect("get");
         assert_eq!(a["metadata"]["resourceVersion"], json!(r2.to_string()));
         assert_eq!(a["metadata"]["generation"], json!(2));
         assert!(a["metadata"]["uid"].is_string());
         assert!(a["metadata"]["creationTimestamp"].is_string());
-        let r4 = s.delete(res, &("ns".into(), "a".into())).unwrap();
+        let r4 = s.delete(res, &("ns".into(), "a".into())).expect("delete object");
         assert_eq!(r4, r3 + 1);
-        assert_eq!(s.state_at(res, r1).unwrap().len(), 1);
-        assert_eq!(s.state_at(res, r1).unwrap().values().next().unwrap()["spec"]["ports"][0]["port"], json!(80));
-        assert_eq!(s.state_at(res, r3).unwrap().len(), 2);
-        assert_eq!(s.state_at(res, r4).unwrap().len(), 1);
-        assert_eq!(s.events_after(res, r1).unwrap().len(), 3);
+        assert_eq!(s.state_at(res, r1).expect("history kept").len(), 1);
+        assert_eq!(
+            s.state_at(res, r1).expect("history kept").values().next().expect("one object")["spec"]["ports"]
+                [0]["port"],
+            json!(80)
+        );
+        assert_eq!(s.state_at(res, r3).expect("history kept").len(), 2);
+        assert_eq!(s.state_at(res, r4).expect("history kept").len(), 1);
+        assert_eq!(s.events_after(res, r1).expect("history kept").len(), 3);
         s.compact();
         assert!(s.state_at(res, r3).is_err());
         assert!(s.events_after(res, r3).is_err());
-        assert!(s.events_after(res, r4).unwrap().is_empty());
+        assert!(s.events_after(res, r4).expect("history kept").is_empty());
+
+        // Automatic compaction keeps the newest half of the limit.
+        s.set_history_limit(4);
+        for port in 1..=5 {
+            s.apply(svc("c", port)).expect("apply");
+        }
+        assert_eq!(s.history.len(), 2, "the 5th event exceeds 4: the oldest 3 are dropped");
+        assert_eq!(s.compacted(), s.rv() - 2);
+        assert!(s.events_after(res, s.rv() - 3).is_err());
+        assert_eq!(s.events_after(res, s.rv() - 2).expect("kept").len(), 2);
     }
 }

@@ -25,8 +25,8 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    server::{Control, Shared},
     selector::{FieldSelector, LabelSelector},
+    server::{Control, Shared},
     store::{Event, EventType, set_meta},
 };
 
@@ -64,9 +64,11 @@ enum Stop {
 
 impl Watch {
     fn passes(&self, obj: &Value) -> bool {
-        let ns_ok = self.params.namespace.as_deref().is_none_or(|ns| {
-            obj.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns)
-        });
+        let ns_ok = self
+            .params
+            .namespace
+            .as_deref()
+            .is_none_or(|ns| obj.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns));
         ns_ok && self.params.labels.matches(obj) && self.params.fields.matches(obj)
     }
 
@@ -151,6 +153,7 @@ impl Watch {
         let mut next_bookmark = Instant::now() + seen.bookmark_interval;
         let mut cut_pending = false;
         let mut bookmark_due = false;
+        let mut ctl_pending = false;
 
         let start = {
             let store = self.shared.store.lock();
@@ -182,10 +185,30 @@ impl Watch {
 
         loop {
             rv_rx.borrow_and_update();
-            let batch = {
+            let (ctl, batch) = {
                 let store = self.shared.store.lock();
-                store.events_after(self.res, cursor).map(|evs| (evs, store.rv())).map_err(|_| store.compacted())
+                // Read the controls under the store lock: a control set before a write (the test's
+                // program order) is then always seen together with, or before, that write.
+                let ctl_changed = std::mem::take(&mut ctl_pending) || ctl_rx.has_changed().unwrap_or(false);
+                let ctl = ctl_changed.then(|| ctl_rx.borrow_and_update().clone());
+                let batch = store
+                    .events_after(self.res, cursor)
+                    .map(|evs| (evs, store.rv()))
+                    .map_err(|_| store.compacted());
+                (ctl, batch)
             };
+            if let Some(ctl) = ctl {
+                if ctl.disconnect != seen.disconnect {
+                    let _ = self.tx.send(Err(io::Error::other("watch disconnected by the test"))).await;
+                    return Ok(());
+                }
+                cut_pending |= ctl.cut != seen.cut;
+                bookmark_due |= ctl.bookmark != seen.bookmark;
+                if ctl.bookmark_interval != seen.bookmark_interval {
+                    next_bookmark = Instant::now() + ctl.bookmark_interval;
+                }
+                seen = ctl;
+            }
             let (events, now_rv) = match batch {
                 Ok(b) => b,
                 Err(compacted) => {
@@ -211,21 +234,12 @@ impl Watch {
             tokio::select! {
                 // Test controls first: a cut asked for before a write must happen before it.
                 biased;
+                // `changed()` marks the value seen: remember to handle it at the top of the loop.
                 changed = ctl_rx.changed() => {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    let ctl = ctl_rx.borrow_and_update().clone();
-                    if ctl.disconnect != seen.disconnect {
-                        let _ = self.tx.send(Err(io::Error::other("watch disconnected by the test"))).await;
-                        return Ok(());
-                    }
-                    cut_pending |= ctl.cut != seen.cut;
-                    bookmark_due |= ctl.bookmark != seen.bookmark;
-                    if ctl.bookmark_interval != seen.bookmark_interval {
-                        next_bookmark = Instant::now() + ctl.bookmark_interval;
-                    }
-                    seen = ctl;
+                    ctl_pending = true;
                 }
                 _ = rv_rx.changed() => {}
                 () = sleep_until(next_bookmark), if self.params.bookmarks => {
