@@ -26,7 +26,7 @@ fn selector_is_kube_proxys() {
     );
 }
 
-fn service(name: &str, ip: &str, labels: Value) -> Value {
+fn service(name: &str, ip: &str, labels: &Value) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "default", "labels": labels},
@@ -94,9 +94,9 @@ fn key(name: &str) -> ServiceKey {
 #[tokio::test(flavor = "multi_thread")]
 async fn watches_with_kube_proxys_selector() {
     let api = ApiServer::start();
-    api.apply(service("mine", "10.96.0.1", json!({}))).expect("apply");
-    api.apply(service("other", "10.96.0.2", json!({SERVICE_PROXY_NAME: "ferry"}))).expect("apply");
-    api.apply(service("headless", "None", json!({HEADLESS: ""}))).expect("apply");
+    api.apply(service("mine", "10.96.0.1", &json!({}))).expect("apply");
+    api.apply(service("other", "10.96.0.2", &json!({SERVICE_PROXY_NAME: "ferry"}))).expect("apply");
+    api.apply(service("headless", "None", &json!({HEADLESS: ""}))).expect("apply");
     let default = run(api, None, Duration::ZERO).await;
     let snap = default.wait("first snapshot", |_| true).await;
     let keys: Vec<_> = snap.services.keys().cloned().collect();
@@ -119,13 +119,15 @@ async fn watches_with_kube_proxys_selector() {
 async fn bursts_coalesce_and_lone_changes_apply_at_once() {
     let period = Duration::from_secs(3);
     let api = ApiServer::start();
-    api.apply(service("first", "10.96.0.1", json!({}))).expect("apply");
+    api.apply(service("first", "10.96.0.1", &json!({}))).expect("apply");
     let r = run(api, None, period).await;
     let first = r.wait("first snapshot", |s| s.services.len() == 1).await;
 
     // Right after the first publish: 20 Services, written one by one.
     for i in 0..20 {
-        r.api.apply(service(&format!("burst-{i}"), &format!("10.96.1.{}", i + 1), json!({}))).expect("apply");
+        r.api
+            .apply(service(&format!("burst-{i}"), &format!("10.96.1.{}", i + 1), &json!({})))
+            .expect("apply");
     }
     let burst = r.wait("the burst", |s| s.version > first.version).await;
     assert_eq!(burst.version, first.version + 1, "the burst was published more than once");
@@ -134,7 +136,7 @@ async fn bursts_coalesce_and_lone_changes_apply_at_once() {
     // Quiet for longer than the period, then one change: published without waiting for it.
     tokio::time::sleep(period + Duration::from_millis(200)).await;
     let start = Instant::now();
-    r.api.apply(service("lone", "10.96.2.1", json!({}))).expect("apply");
+    r.api.apply(service("lone", "10.96.2.1", &json!({}))).expect("apply");
     r.wait("the lone change", |s| s.services.contains_key(&key("lone"))).await;
     assert!(start.elapsed() < period / 2, "a lone change waited {:?}", start.elapsed());
     r.stop().await;
@@ -145,8 +147,8 @@ async fn bursts_coalesce_and_lone_changes_apply_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn relist_after_410_deletes_what_is_gone() {
     let api = ApiServer::start();
-    api.apply(service("stays", "10.96.0.1", json!({}))).expect("apply");
-    api.apply(service("goes", "10.96.0.2", json!({}))).expect("apply");
+    api.apply(service("stays", "10.96.0.1", &json!({}))).expect("apply");
+    api.apply(service("goes", "10.96.0.2", &json!({}))).expect("apply");
     let r = run(api, None, Duration::ZERO).await;
     let first = r.wait("first snapshot", |s| s.services.len() == 2).await;
     assert!(first.node.as_ref().is_some_and(|n| &*n.name == "node-a"));
