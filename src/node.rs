@@ -220,7 +220,7 @@ impl Syncer {
         ok &= errors.is_empty();
         let elapsed = start.elapsed();
         self.metrics.record_sync(elapsed);
-        self.metrics.record_no_local_endpoints(snapshot);
+        self.metrics.record_no_local_endpoints(self.last.as_deref(), snapshot);
         self.health.observe_node(snapshot);
         if ok {
             self.health.updated();
