@@ -30,12 +30,11 @@ pub(crate) enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
-#[allow(clippy::large_enum_variant)] // Parsed once at startup; boxing buys nothing.
 pub(crate) enum Command {
     /// Run the standalone TCP/UDP load balancer from a directory of manifests.
     Lb(LbArgs),
     /// Run the node service proxy (a kube-proxy replacement) for this node.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Serve cluster DNS for a directory of manifests (Service, EndpointSlice), forwarding other
     /// names upstream.
     Dns(crate::dns::DnsArgs),
@@ -57,9 +56,21 @@ pub(crate) struct LbArgs {
 /// `ferry node`.
 #[derive(Debug, Args)]
 pub(crate) struct NodeArgs {
-    /// Directory of YAML manifests (Service, EndpointSlice, Node); watched for changes.
-    #[arg(long, env = "FERRY_CONFIG", required_unless_present = "cleanup")]
+    /// Directory of YAML manifests (Service, EndpointSlice, Node) to serve instead of watching the
+    /// API server; watched for changes.
+    #[arg(long, env = "FERRY_CONFIG", conflicts_with = "kubeconfig")]
     pub(crate) config: Option<PathBuf>,
+
+    /// Watch the API server of this kubeconfig (its current context). Without it and without
+    /// `--config`, Ferry uses the pod's in-cluster service account, as kube-proxy does.
+    #[arg(long)]
+    pub(crate) kubeconfig: Option<PathBuf>,
+
+    /// Minimum time between two applied snapshots from the API server: a lone change applies at
+    /// once, a burst of changes applies together at most this often (kube-proxy's
+    /// `--min-sync-period`; Ferry's updates are incremental, hence the shorter default).
+    #[arg(long, default_value = "100ms", value_parser = parse_duration, env = "FERRY_MIN_SYNC_PERIOD")]
+    pub(crate) min_sync_period: Duration,
 
     /// This node's name (matches EndpointSlice `nodeName` and the Node object).
     #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]

@@ -1,5 +1,5 @@
-//! What every long-running command shares: the runtime, the admin server, the file source and
-//! publisher, and signal handling.
+//! What every long-running command shares: the runtime, the admin server, the source (files or
+//! the Kubernetes API) and publisher, and signal handling.
 //!
 //! [`Daemon::start`] binds the admin server, starts the source and waits for the first snapshot
 //! (the initial sync); the command then builds its data plane over [`Daemon::snapshots`] and
@@ -14,7 +14,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ferry_watch::{FileSource, FileSourceOptions, ReloadHandle, Snapshots, SourceError};
+use ferry_watch::{
+    ClientConfig, FileSource, FileSourceOptions, KubeSource, KubeSourceOptions, ReloadHandle, Snapshots,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::{net::TcpListener, signal::unix::SignalKind, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -41,44 +43,69 @@ pub(crate) fn runtime(args: &RunArgs) -> anyhow::Result<tokio::runtime::Runtime>
     builder.thread_name("ferry-worker").enable_all().build().context("starting the async runtime")
 }
 
+/// Where the desired state comes from.
+pub(crate) enum Source {
+    /// A directory of manifests (`--config`), watched for changes.
+    Files {
+        /// The directory.
+        dir: PathBuf,
+        /// This node's name (`None`: standalone).
+        node: Option<String>,
+        /// `--service-proxy-name`.
+        proxy_name: Option<String>,
+    },
+    /// The Kubernetes API server (`--kubeconfig`, or in-cluster).
+    Kube(KubeSourceOptions),
+}
+
+impl Source {
+    /// How the source is named in messages: the directory, or the kubeconfig.
+    fn describe(&self) -> String {
+        match self {
+            Self::Files { dir, .. } => dir.display().to_string(),
+            Self::Kube(options) => match &options.client {
+                ClientConfig::Kubeconfig(path) => format!("the API server of kubeconfig {}", path.display()),
+                ClientConfig::InCluster | ClientConfig::Infer => {
+                    "the in-cluster API server (neither --kubeconfig nor --config was given)".to_owned()
+                }
+            },
+        }
+    }
+}
+
 /// A started daemon: admin server, source and signal handling running, first snapshot published.
 pub(crate) struct Daemon {
     /// The published snapshots.
     pub(crate) snapshots: Snapshots,
     /// Cancelled by SIGTERM/SIGINT: the data plane drains and returns.
     pub(crate) shutdown: CancellationToken,
-    /// The config directory (for messages).
-    pub(crate) config: PathBuf,
+    /// The source, for messages (the config directory, or the API server).
+    pub(crate) source: String,
     serving: Arc<AtomicBool>,
     admin_stop: CancellationToken,
     admin_tasks: Vec<JoinHandle<()>>,
     source_stop: CancellationToken,
-    source_task: JoinHandle<Result<(), SourceError>>,
+    source_task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Daemon {
-    /// Starts the admin server(s), signal handling and the file source, and waits for the initial
-    /// sync. `Ok(None)`: a shutdown signal arrived first. `extra_admin` are further addresses
-    /// serving the same admin routes (kube-proxy's `--metrics-bind-address`).
+    /// Starts the admin server(s), signal handling and the source, and waits for the initial
+    /// sync (for the API server: every watched kind listed). `Ok(None)`: a shutdown signal arrived
+    /// first. `extra_admin` are further addresses serving the same admin routes (kube-proxy's
+    /// `--metrics-bind-address`).
     pub(crate) async fn start(
-        config: PathBuf,
-        node: Option<String>,
-        proxy_name: Option<String>,
+        source: Source,
         run: &RunArgs,
         metrics: PrometheusHandle,
         extra_admin: &[std::net::SocketAddr],
     ) -> anyhow::Result<Option<Self>> {
+        match ferry_proxy::raise_nofile_limit() {
+            Ok((old, new)) => tracing::debug!(old, new, "file descriptor limit (RLIMIT_NOFILE)"),
+            Err(error) => tracing::warn!(%error, "cannot raise the file descriptor limit"),
+        }
         let shutdown = CancellationToken::new();
         let (publisher, snapshots) = ferry_watch::publisher();
-        let (source, reload) = FileSource::new(
-            config.clone(),
-            FileSourceOptions {
-                node,
-                debounce: run.reload_debounce,
-                resolve_interval: run.resolve_interval,
-                proxy_name,
-            },
-        );
+        let description = source.describe();
 
         let serving = Arc::new(AtomicBool::new(false));
         let admin_state = AdminState {
@@ -102,18 +129,43 @@ impl Daemon {
             admin_tasks.push(tokio::spawn(admin::serve(listener, admin_state.clone(), admin_stop.clone())));
         }
 
-        tokio::spawn(handle_signals(reload, shutdown.clone()));
-
         let source_stop = CancellationToken::new();
-        let mut source_task = tokio::spawn(source.run(publisher, source_stop.clone()));
+        let mut source_task = match source {
+            Source::Files { dir, node, proxy_name } => {
+                let (files, reload) = FileSource::new(
+                    dir,
+                    FileSourceOptions {
+                        node,
+                        debounce: run.reload_debounce,
+                        resolve_interval: run.resolve_interval,
+                        proxy_name,
+                    },
+                );
+                tokio::spawn(handle_signals(Some(reload), shutdown.clone()));
+                let stop = source_stop.clone();
+                tokio::spawn(async move { Ok(files.run(publisher, stop).await?) })
+            }
+            Source::Kube(options) => {
+                let kube = KubeSource::connect(options)
+                    .await
+                    .inspect_err(|_| admin_stop.cancel())
+                    .with_context(|| format!("connecting to {description}"))?;
+                tokio::spawn(handle_signals(None, shutdown.clone()));
+                let stop = source_stop.clone();
+                tokio::spawn(async move {
+                    kube.run(publisher, stop).await;
+                    Ok(())
+                })
+            }
+        };
         tokio::select! {
             () = snapshots.wait_ready() => {}
             res = &mut source_task => {
                 admin_stop.cancel();
                 return match res {
                     Ok(Ok(())) => Ok(None),
-                    Ok(Err(error)) => Err(error).with_context(|| format!("loading {}", config.display())),
-                    Err(error) => Err(error).context("the file source task failed"),
+                    Ok(Err(error)) => Err(error).with_context(|| format!("loading {description}")),
+                    Err(error) => Err(error).context("the source task failed"),
                 };
             }
             () = shutdown.cancelled() => {
@@ -125,7 +177,7 @@ impl Daemon {
         Ok(Some(Self {
             snapshots,
             shutdown,
-            config,
+            source: description,
             serving,
             admin_stop,
             admin_tasks,
@@ -147,13 +199,14 @@ impl Daemon {
             let _ = task.await;
         }
         if let Ok(Err(error)) = self.source_task.await {
-            tracing::warn!(%error, "file source stopped with an error");
+            tracing::warn!(error = format!("{error:#}"), "source stopped with an error");
         }
     }
 }
 
-/// SIGHUP reloads; the first SIGTERM/SIGINT starts a graceful drain; a second one exits at once.
-async fn handle_signals(reload: ReloadHandle, shutdown: CancellationToken) {
+/// SIGHUP reloads (a file source; the API source is always current); the first SIGTERM/SIGINT
+/// starts a graceful drain; a second one exits at once.
+async fn handle_signals(reload: Option<ReloadHandle>, shutdown: CancellationToken) {
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         tokio::signal::unix::signal(SignalKind::hangup()),
         tokio::signal::unix::signal(SignalKind::terminate()),
@@ -165,8 +218,13 @@ async fn handle_signals(reload: ReloadHandle, shutdown: CancellationToken) {
     loop {
         let name = tokio::select! {
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading configuration");
-                reload.reload();
+                match &reload {
+                    Some(reload) => {
+                        tracing::info!("SIGHUP: reloading configuration");
+                        reload.reload();
+                    }
+                    None => tracing::info!("SIGHUP: nothing to reload (the API source is watched)"),
+                }
                 continue;
             }
             _ = term.recv() => "SIGTERM",

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     cli::RunArgs,
-    daemon::{self, Daemon},
+    daemon::{self, Daemon, Source},
     telemetry,
 };
 
@@ -124,7 +124,8 @@ pub(crate) fn run(args: DnsArgs) -> anyhow::Result<()> {
 
 async fn serve(args: DnsArgs) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics()?;
-    let Some(daemon) = Daemon::start(args.config.clone(), None, None, &args.run, metrics, &[]).await? else {
+    let source = Source::Files { dir: args.config.clone(), node: None, proxy_name: None };
+    let Some(daemon) = Daemon::start(source, &args.run, metrics, &[]).await? else {
         return Ok(());
     };
     let sockets = match bind(&args.listen).await {
@@ -141,7 +142,7 @@ async fn serve(args: DnsArgs) -> anyhow::Result<()> {
     daemon.serving();
     tracing::info!(
         version = daemon.snapshots.current().version,
-        config = %daemon.config.display(),
+        config = %daemon.source,
         "configuration loaded; serving"
     );
     let result = server.await;

@@ -10,7 +10,7 @@ use ferry_proxy::{Manager, ProxyConfig};
 
 use crate::{
     cli::LbArgs,
-    daemon::{self, Daemon},
+    daemon::{self, Daemon, Source},
     telemetry,
 };
 
@@ -21,7 +21,14 @@ pub(crate) fn run(args: LbArgs) -> anyhow::Result<()> {
 
 async fn serve(args: LbArgs) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics()?;
-    let Some(daemon) = Daemon::start(args.config.clone(), None, None, &args.run, metrics, &[]).await? else {
+    let Some(daemon) = Daemon::start(
+        Source::Files { dir: args.config.clone(), node: None, proxy_name: None },
+        &args.run,
+        metrics,
+        &[],
+    )
+    .await?
+    else {
         return Ok(());
     };
 
@@ -33,7 +40,7 @@ async fn serve(args: LbArgs) -> anyhow::Result<()> {
     let errors = manager.apply(&snapshot);
     if !errors.is_empty() {
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        let config = daemon.config.display().to_string();
+        let config = daemon.source.clone();
         daemon.stop().await;
         anyhow::bail!("cannot serve {config}: {}", messages.join("; "));
     }
@@ -44,7 +51,7 @@ async fn serve(args: LbArgs) -> anyhow::Result<()> {
     tracing::info!(
         version = snapshot.version,
         listeners = snapshot.frontends.len(),
-        config = %daemon.config.display(),
+        config = %daemon.source,
         "configuration loaded; serving"
     );
 

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => return check::run(&args),
         Command::Lb(args) => lb::run(args),
-        Command::Node(args) => node::run(args),
+        Command::Node(args) => node::run(*args),
         Command::Dns(args) => dns::run(args),
     };
     match result {

@@ -30,11 +30,12 @@ use ferry_proxy::{
     host::{self, VipDevice},
     node::{NodeConfig, NodeFrontends},
 };
+use ferry_watch::{ClientConfig, KubeSourceOptions};
 use tokio::net::TcpListener;
 
 use crate::{
     cli::NodeArgs,
-    daemon::{self, Daemon},
+    daemon::{self, Daemon, Source},
     telemetry,
 };
 
@@ -56,20 +57,25 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         tracing::info!(device = %args.vip_device, removed, "cleanup done");
         return Ok(());
     }
-    let (Some(config), Some(node_name)) = (args.config.clone(), args.node_name.clone()) else {
-        anyhow::bail!("--config and --node-name are required");
+    let Some(node_name) = args.node_name.clone() else {
+        anyhow::bail!("--node-name is required");
+    };
+    let source = match (&args.config, &args.kubeconfig) {
+        (Some(dir), _) => Source::Files {
+            dir: dir.clone(),
+            node: Some(node_name.clone()),
+            proxy_name: args.service_proxy_name.clone(),
+        },
+        (None, kubeconfig) => Source::Kube(KubeSourceOptions {
+            client: kubeconfig.clone().map_or(ClientConfig::InCluster, ClientConfig::Kubeconfig),
+            node: node_name.clone(),
+            proxy_name: args.service_proxy_name.clone(),
+            min_sync_period: args.min_sync_period,
+            all_services: false,
+        }),
     };
     let metrics = telemetry::init_metrics()?;
-    let Some(daemon) = Daemon::start(
-        config,
-        Some(node_name.clone()),
-        args.service_proxy_name.clone(),
-        &args.run,
-        metrics,
-        &[args.metrics_bind_address],
-    )
-    .await?
-    else {
+    let Some(daemon) = Daemon::start(source, &args.run, metrics, &[args.metrics_bind_address]).await? else {
         return Ok(());
     };
 
@@ -243,7 +249,7 @@ impl Syncer {
         ok &= errors.is_empty();
         let elapsed = start.elapsed();
         self.metrics.record_sync(elapsed);
-        self.metrics.record_no_local_endpoints(snapshot);
+        self.metrics.record_no_local_endpoints(self.last.as_deref(), snapshot);
         self.health.observe_node(snapshot);
         if ok {
             self.health.updated();

@@ -54,6 +54,12 @@ impl Default for ProxyConfig {
     }
 }
 
+/// Raises the soft file-descriptor limit to the hard limit, as proxies do at startup; returns the
+/// (old, new) soft limits. Call it once, before serving.
+pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
+    sys::raise_nofile_limit()
+}
+
 /// Serves every frontend the snapshots on `snapshots` describe (as chosen by
 /// `config.filter`) until `shutdown` is cancelled; then closes the listeners, drains
 /// connections for up to `config.drain_timeout` and returns.

@@ -1,4 +1,5 @@
-//! The only `unsafe` in the crate: `pipe2(2)` and `splice(2)` for zero-copy TCP relaying (Linux).
+//! The only `unsafe` in the crate: `pipe2(2)` and `splice(2)` for zero-copy TCP relaying (Linux),
+//! `IP_PKTINFO` for UDP replies, and the file-descriptor limit.
 //!
 //! A [`Pipe`] is a non-blocking kernel pipe owned by one relay direction at a time. Pipes are
 //! reused through a small per-thread cache ([`Pipe::take`] / [`Pipe::give_back`]): a pipe goes back
@@ -286,4 +287,24 @@ pub(crate) mod pktinfo {
         }
         Ok(usize::try_from(n).expect("sendmsg returned a non-negative count"))
     }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (every listener, connection and upstream is
+/// a descriptor; the usual soft default of 1024 caps a node at about a thousand Services).
+/// Returns the (old soft, new soft) limits.
+pub(crate) fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let old = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit read above; only the soft limit changed, within the hard one.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((old, lim.rlim_cur))
 }

@@ -8,6 +8,7 @@ mod check;
 mod deploy;
 mod dns;
 mod harness;
+mod kube;
 mod lb_config;
 mod lb_health;
 mod lb_tcp;

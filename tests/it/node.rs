@@ -56,10 +56,21 @@ impl Cluster {
         Self { node, client, pod_a, pod_b, dir }
     }
 
-    /// Starts `ferry node` in the node namespace and waits until it serves.
+    /// Starts `ferry node --config DIR` in the node namespace and waits until it serves.
     pub fn start(&self, extra: &[&str]) -> Ferry {
+        let dir = self.dir.path().to_str().expect("utf-8 path");
+        let ferry = self.spawn(&["--config", dir], extra);
+        ferry
+            .wait_log(DEADLINE, |l| msg(l) == "configuration loaded; serving")
+            .expect("ferry node never served");
+        ferry
+    }
+
+    /// Starts `ferry node` with `source` (`--config DIR` or `--kubeconfig FILE`) in the node
+    /// namespace; returns once its admin server listens.
+    pub fn spawn(&self, source: &[&str], extra: &[&str]) -> Ferry {
         let mut cmd = self.node.command(env!("CARGO_BIN_EXE_ferry"));
-        cmd.args(["node", "--config"]).arg(self.dir.path()).args([
+        cmd.arg("node").args(source).args([
             "--node-name",
             NODE,
             "--nodeport-addresses",
@@ -84,11 +95,7 @@ impl Cluster {
             "2s",
         ]);
         cmd.args(extra);
-        let ferry = Ferry::spawn_command(cmd, Some(&self.node.name));
-        ferry
-            .wait_log(DEADLINE, |l| msg(l) == "configuration loaded; serving")
-            .expect("ferry node never served");
-        ferry
+        Ferry::spawn_command(cmd, Some(&self.node.name))
     }
 
     /// A TCP backend named `name` on `port` in `pod`.

@@ -12,7 +12,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_model::{Frontend, Origin, ServicePort, Snapshot, TrafficPolicy};
+use ferry_model::{Frontend, Origin, Service, ServicePort, Snapshot, TrafficPolicy};
+use imbl::ordmap::DiffItem;
 use metrics::{Counter, Gauge, Histogram};
 
 use super::proxy::IpFamily;
@@ -220,14 +221,26 @@ impl KubeProxyMetrics {
         }
     }
 
-    /// Recounts services without local endpoints in `snapshot` (for its node) and sets the gauges,
-    /// as kube-proxy does at the end of every sync.
-    pub fn record_no_local_endpoints(&self, snapshot: &Snapshot) {
+    /// Sets the gauges to kube-proxy's end-of-sync count of ports without local endpoints in
+    /// `snapshot` (for its node). With the previously recorded snapshot `last` (same node), only
+    /// the Services that changed since are recounted, so a sync costs O(changes), not O(Services).
+    pub fn record_no_local_endpoints(&self, last: Option<&Snapshot>, snapshot: &Snapshot) {
         let node = snapshot.node.as_ref().map_or("", |n| &*n.name);
-        for f in &self.families {
-            let (internal, external) = no_local_endpoints_for(snapshot, node, Some(f.family));
-            f.no_local_internal.set(internal as f64);
-            f.no_local_external.set(external as f64);
+        match last.filter(|l| l.node == snapshot.node) {
+            Some(last) => {
+                for f in &self.families {
+                    let (internal, external) = no_local_endpoints_delta(last, snapshot, node, f.family);
+                    f.no_local_internal.increment(internal as f64);
+                    f.no_local_external.increment(external as f64);
+                }
+            }
+            None => {
+                for f in &self.families {
+                    let (internal, external) = no_local_endpoints_for(snapshot, node, Some(f.family));
+                    f.no_local_internal.set(internal as f64);
+                    f.no_local_external.set(external as f64);
+                }
+            }
         }
     }
 }
@@ -256,19 +269,43 @@ pub fn no_local_endpoints(snapshot: &Snapshot, node: &str) -> (usize, usize) {
 /// Local`, the port is externally accessible (NodePort, LoadBalancer IP or externalIP) and no
 /// local endpoint. Usable = Ready, or Serving and Terminating; local = `nodeName` is `node`.
 pub fn no_local_endpoints_for(snapshot: &Snapshot, node: &str, family: Option<IpFamily>) -> (usize, usize) {
-    let mut internal = 0;
-    let mut external = 0;
-    for service in snapshot.services.values() {
-        if !matches!(service.origin, Origin::Kubernetes { .. }) {
-            continue;
-        }
-        for port in &service.ports {
-            let (i, e) = port_lacks_local(port, node, family);
-            internal += usize::from(i);
-            external += usize::from(e);
-        }
+    snapshot
+        .services
+        .values()
+        .map(|s| service_lacks_local(s, node, family))
+        .fold((0, 0), |(i, e), (a, b)| (i + a, e + b))
+}
+
+/// How [`no_local_endpoints_for`]`(new, node, Some(family))` differs from the same count on
+/// `old`, computed from the Services that differ between the two: O(changed Services).
+pub fn no_local_endpoints_delta(old: &Snapshot, new: &Snapshot, node: &str, family: IpFamily) -> (i64, i64) {
+    let count = |s: &Service| {
+        let (i, e) = service_lacks_local(s, node, Some(family));
+        (i as i64, e as i64)
+    };
+    let (mut internal, mut external) = (0, 0);
+    for item in old.services.diff(&new.services) {
+        let (before, after) = match item {
+            DiffItem::Add(_, s) => ((0, 0), count(s)),
+            DiffItem::Remove(_, s) => (count(s), (0, 0)),
+            DiffItem::Update { old: (_, a), new: (_, b) } => (count(a), count(b)),
+        };
+        internal += after.0 - before.0;
+        external += after.1 - before.1;
     }
     (internal, external)
+}
+
+/// One Service's contribution: its ports that lack a local endpoint, as (internal, external).
+fn service_lacks_local(service: &Service, node: &str, family: Option<IpFamily>) -> (usize, usize) {
+    if !matches!(service.origin, Origin::Kubernetes { .. }) {
+        return (0, 0);
+    }
+    service
+        .ports
+        .iter()
+        .map(|p| port_lacks_local(p, node, family))
+        .fold((0, 0), |(i, e), (a, b)| (i + usize::from(a), e + usize::from(b)))
 }
 
 fn port_lacks_local(port: &ServicePort, node: &str, family: Option<IpFamily>) -> (bool, bool) {

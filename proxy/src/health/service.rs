@@ -22,7 +22,7 @@
 //! change is never restarted. A port that fails to bind is retried on the next sync, as kube-proxy.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
@@ -35,6 +35,7 @@ use bytes::Bytes;
 use ferry_model::{Frontend, Service, ServiceKey, Snapshot};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
+use imbl::ordmap::DiffItem;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -198,6 +199,10 @@ pub struct ServiceHealthServers {
     addresses: Vec<IpAddr>,
     health: Arc<ProxyHealth>,
     servers: BTreeMap<ServiceKey, Instance>,
+    /// Services whose port failed to bind: retried at every sync.
+    pending: BTreeSet<ServiceKey>,
+    /// The snapshot of the last sync (the next one visits only what changed since).
+    last: Option<Arc<Snapshot>>,
     shutdown: CancellationToken,
 }
 
@@ -210,35 +215,48 @@ impl ServiceHealthServers {
     /// A manager binding every health check port on each of `addresses` (the node addresses
     /// `--nodeport-addresses` selects; `[ALL_ADDRESSES]` for all). Servers stop when `shutdown` fires.
     pub fn new(addresses: Vec<IpAddr>, health: Arc<ProxyHealth>, shutdown: CancellationToken) -> Self {
-        Self { addresses, health, servers: BTreeMap::new(), shutdown }
+        Self { addresses, health, servers: BTreeMap::new(), pending: BTreeSet::new(), last: None, shutdown }
     }
 
     /// Applies `snapshot`: closes servers of removed Services and changed ports, opens new ones,
-    /// and updates every count. Returns the ports that failed to bind (logged too).
-    pub async fn sync(&mut self, snapshot: &Snapshot) -> Vec<BindError> {
+    /// and updates the counts of changed Services. Only the Services that differ from the last
+    /// synced snapshot are visited (all of them the first time or when the node changed), plus
+    /// those whose port failed to bind before, which are retried. Returns the ports that failed to
+    /// bind (logged too).
+    pub async fn sync(&mut self, snapshot: &Arc<Snapshot>) -> Vec<BindError> {
         let node = snapshot.node.as_ref().map(|n| &*n.name);
-        let wanted: BTreeMap<&ServiceKey, (u16, &Arc<Service>)> = snapshot
-            .services
-            .iter()
-            .filter_map(|(k, s)| s.health_check_node_port.map(|p| (k, (p, s))))
-            .collect();
+        let mut keys: BTreeSet<ServiceKey> = std::mem::take(&mut self.pending);
+        match self.last.as_ref().filter(|last| last.node == snapshot.node) {
+            Some(last) => keys.extend(last.services.diff(&snapshot.services).map(|item| match item {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => {
+                    k.clone()
+                }
+            })),
+            None => {
+                let wanted = snapshot.services.iter().filter(|(_, s)| s.health_check_node_port.is_some());
+                keys.extend(wanted.map(|(k, _)| k.clone()));
+                keys.extend(self.servers.keys().cloned());
+            }
+        }
+        self.last = Some(snapshot.clone());
+        let wanted = |key: &ServiceKey| {
+            snapshot.services.get(key).and_then(|s| s.health_check_node_port.map(|p| (p, s)))
+        };
 
-        let stale: Vec<ServiceKey> = self
-            .servers
-            .iter()
-            .filter(|(k, inst)| wanted.get(k).is_none_or(|(p, _)| *p != inst.port))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in stale {
-            if let Some(inst) = self.servers.remove(&key) {
+        // Close first, so a port that moves between Services in one snapshot can be reopened.
+        for key in &keys {
+            let stale =
+                self.servers.get(key).is_some_and(|inst| wanted(key).is_none_or(|(p, _)| p != inst.port));
+            if stale && let Some(inst) = self.servers.remove(key) {
                 tracing::info!(service = %key, port = inst.port, "closing healthcheck");
                 inst.close().await;
             }
         }
 
         let mut errors = Vec::new();
-        for (key, (port, service)) in wanted {
-            if let Some(inst) = self.servers.get(key) {
+        for key in keys {
+            let Some((port, service)) = wanted(&key) else { continue };
+            if let Some(inst) = self.servers.get(&key) {
                 inst.state.update(service, node);
                 continue;
             }
@@ -247,10 +265,11 @@ impl ServiceHealthServers {
             match self.open(port, &state) {
                 Ok(inst) => {
                     tracing::info!(service = %key, port, "opening healthcheck");
-                    self.servers.insert(key.clone(), inst);
+                    self.servers.insert(key, inst);
                 }
                 Err(e) => {
                     tracing::warn!(service = %key, port, error = %e.source, addr = %e.addr, "failed to start healthcheck");
+                    self.pending.insert(key);
                     errors.push(e);
                 }
             }

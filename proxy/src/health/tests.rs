@@ -21,7 +21,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    metrics::{histogram_buckets, no_local_endpoints, no_local_endpoints_for},
+    metrics::{histogram_buckets, no_local_endpoints, no_local_endpoints_delta, no_local_endpoints_for},
     service::local_ready_ips,
     *,
 };
@@ -563,4 +563,41 @@ fn no_local_endpoints_counts_ports_like_kube_proxy() {
     assert_eq!(no_local_endpoints_for(&snap, "n1", Some(IpFamily::V6)), (2, 0), "dual has no local IPv6");
     // On n2 everything remote is local; "fine" and "dual"(v4) lack one.
     assert_eq!(no_local_endpoints_for(&snap, "n2", Some(IpFamily::V4)), (2, 2));
+}
+
+/// The per-sync update from the changed Services equals a full recount.
+#[test]
+fn no_local_endpoints_delta_matches_a_recount() {
+    let mut idx = index();
+    idx.apply_service(&local_policy_service("itp", "Local", "Cluster", "ClusterIP", &["10.96.0.1"]));
+    idx.apply_endpoint_slice(&single_port_slice("itp", "10.0.0.1", "n2", "IPv4"));
+    idx.apply_service(&local_policy_service("etp", "Cluster", "Local", "NodePort", &["10.96.0.2"]));
+    idx.apply_endpoint_slice(&single_port_slice("etp", "10.0.0.2", "n2", "IPv4"));
+    idx.apply_service(&local_policy_service(
+        "dual",
+        "Local",
+        "Cluster",
+        "ClusterIP",
+        &["10.96.0.5", "fd00::5"],
+    ));
+    idx.apply_endpoint_slice(&single_port_slice("dual", "fd00::10:5", "n2", "IPv6"));
+    let before = idx.build();
+
+    // An endpoint turns local, a Service goes away, a new one lacking a local endpoint arrives.
+    idx.apply_endpoint_slice(&single_port_slice("itp", "10.0.0.1", "n1", "IPv4"));
+    idx.delete_service("shop", "etp");
+    idx.apply_service(&local_policy_service("new", "Local", "Cluster", "ClusterIP", &["10.96.0.6"]));
+    idx.apply_endpoint_slice(&single_port_slice("new", "10.0.0.6", "n2", "IPv4"));
+    let after = idx.build();
+
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let (b, a) = (
+            no_local_endpoints_for(&before, "n1", Some(family)),
+            no_local_endpoints_for(&after, "n1", Some(family)),
+        );
+        let want = (a.0 as i64 - b.0 as i64, a.1 as i64 - b.1 as i64);
+        assert_eq!(no_local_endpoints_delta(&before, &after, "n1", family), want, "{family:?}");
+    }
+    assert_ne!(no_local_endpoints_delta(&before, &after, "n1", IpFamily::V4), (0, 0), "the changes count");
+    assert_eq!(no_local_endpoints_delta(&after, &after, "n1", IpFamily::V4), (0, 0));
 }
