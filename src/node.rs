@@ -71,7 +71,8 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
             node: node_name.clone(),
             proxy_name: args.service_proxy_name.clone(),
             min_sync_period: args.min_sync_period,
-            all_services: false,
+            // Cluster DNS needs headless Services' EndpointSlices, which kube-proxy's selector drops.
+            all_services: args.dns_listen.is_some() || args.dns_service.is_some(),
         }),
     };
     let metrics = telemetry::init_metrics()?;

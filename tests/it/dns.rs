@@ -675,3 +675,85 @@ spec:
         }
     }
 }
+
+/// `ferry node --kubeconfig --dns-listen`: DNS fed by the API server. The headless Service's
+/// EndpointSlice carries `service.kubernetes.io/headless` (as the EndpointSlice controller sets
+/// it), which kube-proxy's selector filters out at the API server; with DNS on, Ferry watches
+/// every slice, so the headless name resolves to its ready endpoints, and a later change arrives.
+#[test]
+fn node_dns_from_the_api_server_sees_headless_services() {
+    let cluster = crate::node::Cluster::new();
+    let server = cluster.node.enter(ferry_test_apiserver::ApiServer::start);
+    let kubeconfig = ConfigDir::new();
+    kubeconfig.write("kubeconfig", &server.kubeconfig());
+    let apply = |yaml: &str| {
+        for doc in yaml.split("\n---\n") {
+            let value: serde_json::Value =
+                serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
+            server.apply(value).expect("apply");
+        }
+    };
+    apply(&crate::node::node_yaml());
+    apply(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec:
+  clusterIP: None
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  namespace: default
+  labels: {kubernetes.io/service-name: db, service.kubernetes.io/headless: ""}
+addressType: IPv4
+ports: [{name: pg, port: 5432, protocol: TCP}]
+endpoints:
+- {addresses: ["10.244.1.10"], hostname: db-0, nodeName: node-a}
+"#,
+    );
+    let path = kubeconfig.path().join("kubeconfig").to_str().expect("utf-8").to_owned();
+    let ferry = cluster.spawn(
+        &["--kubeconfig", &path],
+        &["--min-sync-period", "50ms", "--dns-listen", "169.254.20.10:53", "--no-forward"],
+    );
+    ferry.wait_log(DEADLINE, |l| msg(l) == "configuration loaded; serving").expect("ferry node never served");
+    let ask = |name: &str| {
+        let out = cluster
+            .pod_a
+            .command("dig")
+            .args(["@169.254.20.10", "+tries=1", "+time=3", name, "A"])
+            .output()
+            .expect("dig in pod-a");
+        parse(&String::from_utf8_lossy(&out.stdout))
+    };
+    let r = ask(&n("db"));
+    assert_eq!(r.status, "NOERROR", "{r:?}");
+    assert_eq!(r.rdata_sorted(), vec!["10.244.1.10".to_owned()]);
+    assert_eq!(ask(&n("db-0.db")).rdata_sorted(), vec!["10.244.1.10".to_owned()]);
+
+    // A second endpoint through the API: visible once the zone has the new version.
+    let version = ferry.metric("ferry_dns_zone_version", &[]);
+    apply(
+        r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  namespace: default
+  labels: {kubernetes.io/service-name: db, service.kubernetes.io/headless: ""}
+addressType: IPv4
+ports: [{name: pg, port: 5432, protocol: TCP}]
+endpoints:
+- {addresses: ["10.244.1.10"], hostname: db-0, nodeName: node-a}
+- {addresses: ["10.244.2.10"], hostname: db-1, nodeName: node-b}
+"#,
+    );
+    let start = Instant::now();
+    while ferry.metric("ferry_dns_zone_version", &[]) <= version {
+        assert!(start.elapsed() < DEADLINE, "zone never rebuilt after the API change");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ask(&n("db")).rdata_sorted(), vec!["10.244.1.10".to_owned(), "10.244.2.10".to_owned()]);
+}
