@@ -35,7 +35,7 @@ pub(crate) enum Command {
     Lb(LbArgs),
     /// Run the node service proxy (a kube-proxy replacement) for this node.
     Node(Box<NodeArgs>),
-    /// Serve cluster DNS for a directory of manifests (Service, EndpointSlice), forwarding other
+    /// Serve cluster DNS from the Kubernetes API (or a directory of manifests), forwarding other
     /// names upstream.
     Dns(crate::dns::DnsArgs),
     /// Validate a directory of manifests and print what would be served; exits non-zero on any error.

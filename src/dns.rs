@@ -1,7 +1,7 @@
 //! `ferry dns`: standalone cluster DNS over a directory of manifests, and the DNS flags shared
 //! with `ferry node`.
 //!
-//! Wiring: [`Daemon`] (file source, publisher, admin server, signals) -> [`ferry_dns::serve`] on
+//! Wiring: [`Daemon`] (file or API source, publisher, admin server, signals) -> [`ferry_dns::serve`] on
 //! UDP and TCP sockets bound here (one port per `--listen` address, TCP on the UDP socket's port).
 //!
 //! `ferry node` serves the same DNS on `--dns-listen` (added to the VIP device) and on the
@@ -14,6 +14,7 @@ use clap::Args;
 use ferry_dns::{DnsConfig, SnapshotFeed, Sockets, Upstreams};
 use ferry_model::{DnsKind, FrontendKey, ServiceKey, ServicePort, Snapshot};
 use ferry_proxy::{Binding, FrontendFilter};
+use ferry_watch::{ClientConfig, KubeSourceOptions};
 use tokio::{
     net::{TcpListener, UdpSocket},
     sync::watch,
@@ -29,9 +30,15 @@ use crate::{
 /// `ferry dns`.
 #[derive(Debug, Args)]
 pub(crate) struct DnsArgs {
-    /// Directory of YAML manifests (Service, EndpointSlice); watched for changes.
-    #[arg(long, env = "FERRY_CONFIG")]
-    pub(crate) config: PathBuf,
+    /// Directory of YAML manifests (Service, EndpointSlice) to serve instead of watching the API
+    /// server; watched for changes.
+    #[arg(long, env = "FERRY_CONFIG", conflicts_with = "kubeconfig")]
+    pub(crate) config: Option<PathBuf>,
+
+    /// Watch the API server of this kubeconfig (its current context) for every Service and
+    /// EndpointSlice. Without it and without `--config`, the in-cluster service account is used.
+    #[arg(long)]
+    pub(crate) kubeconfig: Option<PathBuf>,
 
     /// Addresses to serve DNS on, UDP and TCP (port 0 picks a free port; the bound address is
     /// logged).
@@ -124,7 +131,17 @@ pub(crate) fn run(args: DnsArgs) -> anyhow::Result<()> {
 
 async fn serve(args: DnsArgs) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics()?;
-    let source = Source::Files { dir: args.config.clone(), node: None, proxy_name: None };
+    let source = match (&args.config, &args.kubeconfig) {
+        (Some(dir), _) => Source::Files { dir: dir.clone(), node: None, proxy_name: None },
+        (None, kubeconfig) => Source::Kube(KubeSourceOptions {
+            client: kubeconfig.clone().map_or(ClientConfig::InCluster, ClientConfig::Kubeconfig),
+            // No node: DNS does not categorise endpoints (the Node watch then lists nothing).
+            node: String::new(),
+            proxy_name: None,
+            min_sync_period: std::time::Duration::from_millis(100),
+            all_services: true,
+        }),
+    };
     let Some(daemon) = Daemon::start(source, &args.run, metrics, &[]).await? else {
         return Ok(());
     };

@@ -198,11 +198,17 @@ fn kdig_tcp(port: u16, args: &[&str]) -> Reply {
     r
 }
 
-/// Starts `ferry dns` on a port it picks itself; returns it with the port.
+/// Starts `ferry dns --config DIR` on a port it picks itself; returns it with the port.
 fn start_dns(dir: &ConfigDir, extra: &[&str]) -> (Ferry, u16) {
+    let config = dir.path().to_str().expect("utf-8").to_owned();
+    start_dns_from(&["--config", &config], extra)
+}
+
+/// Starts `ferry dns` with `source` (`--config DIR` or `--kubeconfig FILE`).
+fn start_dns_from(source: &[&str], extra: &[&str]) -> (Ferry, u16) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    cmd.args(["dns", "--config"])
-        .arg(dir.path())
+    cmd.arg("dns")
+        .args(source)
         .args(["--listen", "127.0.0.1:0", "--admin-address", "127.0.0.1:0", "--log-format", "json"])
         .args(["--reload-debounce", "50ms", "--worker-threads", "2"])
         .args(extra);
@@ -756,4 +762,70 @@ endpoints:
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(ask(&n("db")).rdata_sorted(), vec!["10.244.1.10".to_owned(), "10.244.2.10".to_owned()]);
+}
+
+/// `ferry dns --kubeconfig`: the standalone DNS server fed by the API server, watching every
+/// Service and EndpointSlice (headless slices, which kube-proxy's selector drops, included); a
+/// Service created later resolves once the zone has the new version.
+#[test]
+fn dns_from_the_api_server() {
+    let server = ferry_test_apiserver::ApiServer::start();
+    let kubeconfig = ConfigDir::new();
+    kubeconfig.write("kubeconfig", &server.kubeconfig());
+    let apply = |yaml: &str| {
+        for doc in yaml.split("\n---\n") {
+            let value: serde_json::Value =
+                serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
+            server.apply(value).expect("apply");
+        }
+    };
+    apply(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec:
+  clusterIP: None
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  namespace: default
+  labels: {kubernetes.io/service-name: db, service.kubernetes.io/headless: ""}
+addressType: IPv4
+ports: [{name: pg, port: 5432, protocol: TCP}]
+endpoints:
+- {addresses: ["10.1.0.1"], hostname: db-0}
+"#,
+    );
+    let path = kubeconfig.path().join("kubeconfig").to_str().expect("utf-8").to_owned();
+    let (ferry, port) = start_dns_from(&["--kubeconfig", &path], &["--no-forward"]);
+    assert_eq!(dig(port, &[&n("web"), "A"]).rdata_sorted(), vec!["10.96.0.10".to_owned()]);
+    assert_eq!(dig(port, &[&n("db-0.db"), "A"]).rdata_sorted(), vec!["10.1.0.1".to_owned()]);
+    assert_eq!(dig(port, &[&n("api"), "A"]).status, "NXDOMAIN");
+
+    let version = ferry.metric("ferry_dns_zone_version", &[]);
+    apply(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec:
+  clusterIP: 10.96.0.12
+  ports: [{port: 443}]
+"#,
+    );
+    let start = Instant::now();
+    while ferry.metric("ferry_dns_zone_version", &[]) <= version {
+        assert!(start.elapsed() < DEADLINE, "zone never rebuilt after the API change");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(dig(port, &[&n("api"), "A"]).rdata_sorted(), vec!["10.96.0.12".to_owned()]);
 }
