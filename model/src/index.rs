@@ -161,15 +161,12 @@ impl Index {
     }
 
     /// Adds or replaces a Kubernetes Service. A Service this proxy does not handle (see
-    /// [`kube::is_proxied_by`]) is treated as deleted.
+    /// [`kube::is_proxied_by`]) is kept for cluster DNS but gets no frontends.
     pub fn apply_service(&mut self, svc: &KubeService) {
         let namespace = svc.metadata.namespace.as_deref().unwrap_or_default();
         let name = svc.metadata.name.as_deref().unwrap_or_default();
-        if !kube::is_proxied_by(svc.metadata.labels.as_ref(), self.proxy_name.as_deref()) {
-            self.delete_service(namespace, name);
-            return;
-        }
-        let input = ServiceInput::from_service(svc);
+        let mut input = ServiceInput::from_service(svc);
+        input.handled = kube::is_proxied_by(svc.metadata.labels.as_ref(), self.proxy_name.as_deref());
         let key = ServiceKey::new(namespace, name);
         if self.services.get(&key) == Some(&input) {
             return;
@@ -186,19 +183,15 @@ impl Index {
         }
     }
 
-    /// Adds or replaces an EndpointSlice. Slices without the `kubernetes.io/service-name` label,
-    /// of `addressType: FQDN`, or for another proxy are treated as deleted.
+    /// Adds or replaces an EndpointSlice. Slices without the `kubernetes.io/service-name` label or
+    /// of `addressType: FQDN` are treated as deleted. (Whether a slice's endpoints are proxied
+    /// follows its Service; see [`apply_service`](Self::apply_service).)
     pub fn apply_endpoint_slice(&mut self, slice: &EndpointSlice) {
         let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
         let name = slice.metadata.name.as_deref().unwrap_or_default();
         let labels = slice.metadata.labels.as_ref();
         let service = labels.and_then(|l| l.get(kube::SERVICE_NAME_LABEL)).filter(|s| !s.is_empty());
-        let input = match service {
-            Some(_) if kube::matches_proxy_name(labels, self.proxy_name.as_deref()) => {
-                SliceInput::from_slice(slice, &mut self.interner)
-            }
-            _ => None,
-        };
+        let input = service.and_then(|_| SliceInput::from_slice(slice, &mut self.interner));
         let (Some(service), Some(input)) = (service, input) else {
             self.delete_endpoint_slice(namespace, name);
             return;
@@ -439,7 +432,7 @@ impl Index {
     /// Ports equal to a port of `old` at the same position reuse its `Arc`.
     fn build_service(&self, key: &ServiceKey, old: Option<&Service>) -> (Option<Service>, Vec<FrontendKey>) {
         let listener = self.listeners.get(key);
-        let Some(input) = self.services.get(key) else {
+        let Some(input) = self.services.get(key).filter(|input| input.handled) else {
             return (listener.map(|l| l.to_service(|h| self.resolved.get(h).cloned())), Vec::new());
         };
         let shadowed = listener

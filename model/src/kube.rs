@@ -197,6 +197,9 @@ pub(crate) struct ServiceInput {
     pub(crate) external_name: Option<Arc<str>>,
     /// `spec.publishNotReadyAddresses`.
     pub(crate) publish_not_ready_addresses: bool,
+    /// Whether this proxy handles the Service ([`is_proxied_by`]; set by the index). Services of
+    /// other proxies are kept for cluster DNS but get no frontends.
+    pub(crate) handled: bool,
 }
 
 /// One `EndpointSlice` port that can be matched to a service port.
@@ -364,6 +367,7 @@ impl ServiceInput {
             kind,
             external_name,
             publish_not_ready_addresses,
+            handled: true,
             cluster_ips: if proxied { cluster_ips } else { Vec::new() },
             ports,
             external_ips,

@@ -718,6 +718,16 @@ addressType: IPv4
 ports: [{name: pg, port: 5432, protocol: TCP}]
 endpoints:
 - {addresses: ["10.244.1.10"], hostname: db-0, nodeName: node-a}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: other
+  namespace: default
+  labels: {service.kubernetes.io/service-proxy-name: someone-else}
+spec:
+  clusterIP: 10.96.0.77
+  ports: [{name: http, port: 80}]
 "#,
     );
     let path = kubeconfig.path().join("kubeconfig").to_str().expect("utf-8").to_owned();
@@ -739,6 +749,12 @@ endpoints:
     assert_eq!(r.status, "NOERROR", "{r:?}");
     assert_eq!(r.rdata_sorted(), vec!["10.244.1.10".to_owned()]);
     assert_eq!(ask(&n("db-0.db")).rdata_sorted(), vec!["10.244.1.10".to_owned()]);
+    // Another proxy's Service: in cluster DNS, but not proxied here.
+    assert_eq!(ask(&n("other")).rdata_sorted(), vec!["10.96.0.77".to_owned()]);
+    assert!(
+        ferry.snapshot()["services"].get("default/other").is_none(),
+        "another proxy's Service is proxied"
+    );
 
     // A second endpoint through the API: visible once the zone has the new version.
     let version = ferry.metric("ferry_dns_zone_version", &[]);

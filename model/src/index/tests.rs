@@ -242,17 +242,26 @@ fn service_proxy_name_label() {
             "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]}
         }))
     };
+    let services = |s: &Snapshot| s.services.keys().cloned().collect::<Vec<_>>();
     let mut index = Index::new(None);
     index.apply_service(&labelled("x", "ferry"));
-    assert!(!index.is_dirty());
-    assert_eq!(index.service_keys().count(), 0);
+    let s = index.build();
+    assert!(s.services.is_empty() && s.frontends.is_empty(), "another proxy's Service is not proxied");
+    assert!(s.dns.contains_key(&key("x")), "but it is in cluster DNS");
+
+    let mut index = Index::new(None);
     index.set_proxy_name(Some("ferry"));
     index.apply_service(&labelled("x", "ferry"));
     index.apply_service(&labelled("y", "other"));
-    assert_eq!(index.service_keys().cloned().collect::<Vec<_>>(), [key("x")]);
-    // Relabelled to another proxy: dropped like a delete.
+    let s = index.build();
+    assert_eq!(services(&s), [key("x")]);
+    assert_eq!(s.frontends.len(), 1);
+    assert!(s.dns.contains_key(&key("x")) && s.dns.contains_key(&key("y")));
+    // Relabelled to another proxy: its frontends go as with a delete; its name stays.
     index.apply_service(&labelled("x", "other"));
-    assert_eq!(index.service_keys().count(), 0);
+    let s = index.build();
+    assert!(s.services.is_empty() && s.frontends.is_empty());
+    assert!(s.dns.contains_key(&key("x")));
 }
 
 #[test]
