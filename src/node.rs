@@ -94,19 +94,9 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         node_port_addresses = ?node_port_addresses,
         "node proxy starting"
     );
-    // Source-IP preservation for eTP=Local needs the reply path programmed; without it (no nft,
-    // no privileges) local endpoints see a node address instead, which still works.
-    let transparent = args.preserve_source_ip
-        && match host::source_ip::ensure() {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(%error, "cannot program the source-IP reply path; local endpoints of \
-                    externalTrafficPolicy: Local frontends will see a node address");
-                false
-            }
-        };
-    let filter =
-        NodeFrontends::new(NodeConfig { node_port_addresses, local_sources }).with_transparent(transparent);
+    let filter = NodeFrontends::new(NodeConfig { node_port_addresses, local_sources });
+    let source_ip =
+        if args.preserve_source_ip { SourceIp::Wanted(filter.transparency()) } else { SourceIp::Off };
     let dns_service = args.dns_service.as_deref().map(crate::dns::parse_service).transpose()?;
     let filter: Arc<dyn ferry_proxy::FrontendFilter> = match &dns_service {
         Some(service) => Arc::new(crate::dns::WithoutService { inner: filter, service: service.clone() }),
@@ -133,6 +123,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     let mut syncer = Syncer {
         device,
         manager,
+        source_ip,
         health,
         metrics: kube_metrics,
         service_health,
@@ -192,6 +183,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
 struct Syncer {
     device: VipDevice,
     manager: Manager,
+    source_ip: SourceIp,
     health: Arc<ProxyHealth>,
     metrics: KubeProxyMetrics,
     service_health: ServiceHealthServers,
@@ -220,7 +212,9 @@ impl Syncer {
     async fn sync(&mut self, snapshot: &Arc<Snapshot>) -> bool {
         let start = Instant::now();
         let mut ok = true;
-        let last = self.last.as_ref().filter(|_| self.last_full.elapsed() < FULL_RESYNC);
+        // Frontends bound before the reply path existed are re-applied: a full sync.
+        let reapply = self.source_ip.update(self.last.as_deref(), snapshot);
+        let last = self.last.as_ref().filter(|_| !reapply && self.last_full.elapsed() < FULL_RESYNC);
         let device = match last {
             Some(last) if self.device.is_synced() => {
                 let mut changes = host::frontend_address_changes(last, snapshot);
@@ -297,6 +291,72 @@ impl Syncer {
             self.metrics.record_network_programming(family, std::time::Duration::from_millis(elapsed));
         }
     }
+}
+
+/// Source-IP preservation (`--preserve-source-ip`): connections of outside clients to local
+/// endpoints of `externalTrafficPolicy: Local` frontends are made from the client's address, which
+/// needs a reply path on the host ([`host::source_ip::ensure`]: an nftables socket-lookup mark rule
+/// and a policy route). Every packet on the node pays for that path (a socket lookup, and the loss
+/// of the kernel's no-policy-rules fast path), so it is installed only when the first Service that
+/// needs it appears, and kept after that: removing it would strand the replies of connections
+/// already made that way. `ferry node --cleanup` removes it.
+enum SourceIp {
+    /// Not wanted, or the host cannot be programmed: endpoints see a node address.
+    Off,
+    /// Wanted, not installed yet; the switch turns transparency on in the frontend filter.
+    Wanted(Arc<std::sync::atomic::AtomicBool>),
+    /// Installed.
+    Installed,
+}
+
+impl SourceIp {
+    /// Installs the reply path when `snapshot` is the first to need it (only the Services changed
+    /// since `last` are looked at). Returns whether it was installed now, in which case frontends
+    /// already bound must be applied again.
+    fn update(&mut self, last: Option<&Snapshot>, snapshot: &Snapshot) -> bool {
+        let Self::Wanted(switch) = self else { return false };
+        let needed = match last {
+            Some(last) => last.services.diff(&snapshot.services).any(|item| match item {
+                imbl::ordmap::DiffItem::Add(_, s) | imbl::ordmap::DiffItem::Update { new: (_, s), .. } => {
+                    needs_source_ip(s)
+                }
+                imbl::ordmap::DiffItem::Remove(..) => false,
+            }),
+            None => snapshot.services.values().any(|s| needs_source_ip(s)),
+        };
+        if !needed {
+            return false;
+        }
+        match host::source_ip::ensure() {
+            Ok(()) => {
+                switch.store(true, std::sync::atomic::Ordering::Release);
+                tracing::info!("programmed the source-IP reply path for externalTrafficPolicy: Local");
+                *self = Self::Installed;
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot program the source-IP reply path; local endpoints of \
+                    externalTrafficPolicy: Local frontends will see a node address");
+                *self = Self::Off;
+                false
+            }
+        }
+    }
+}
+
+/// Whether `service` has an `externalTrafficPolicy: Local` port reachable from outside the cluster.
+fn needs_source_ip(service: &ferry_model::Service) -> bool {
+    service.ports.iter().any(|p| {
+        p.external_traffic_policy == ferry_model::TrafficPolicy::Local
+            && p.frontends.iter().any(|f| {
+                matches!(
+                    f,
+                    ferry_model::Frontend::NodePort(_)
+                        | ferry_model::Frontend::LoadBalancer(_)
+                        | ferry_model::Frontend::ExternalIp(_)
+                )
+            })
+    })
 }
 
 /// Services whose ports changed, and services whose endpoints changed, between two snapshots

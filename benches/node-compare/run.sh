@@ -39,6 +39,7 @@
 # Environment (defaults in brackets):
 #   DUR [10] ROUNDS [1] TESTS ["bulk1 bulk8 ka close"] CONTENDERS ["iptables nft haproxy nginx ferry"]
 #   FERRY_BIN [${CARGO_TARGET_DIR:-<repo>/target}/release/ferry]  FERRY_LOG [warn]
+#   FERRY_ARGS  extra `ferry node` flags (e.g. --preserve-source-ip=false)
 #   FERRY_BUILT_FROM  free text for the report header (e.g. the commit FERRY_BIN was built from)
 #   IPTABLES_RESTORE [iptables-restore]  (iptables-legacy-restore for x_tables)
 #   OUT [mktemp -d /tmp/nodebench.XXXXXX]  PIN [split] CPU_LOAD [0] CPU_NODE [1] WARMUP [1]
@@ -687,7 +688,7 @@ start_contender() {
     "${ND[@]}" env FERRY_LOG="$FERRY_LOG" RUST_LOG="$FERRY_LOG" "${TS_NODE[@]}" "$FERRY_BIN" node --config "$W/ferry" \
       --node-name nd --vip-device ferry0 --nodeport-addresses 10.10.1.1/32 --cluster-cidr "$CLUSTER_CIDR" \
       --worker-threads 1 --admin-address 127.0.0.1:0 --metrics-bind-address 127.0.0.1:0 \
-      --healthz-bind-address 127.0.0.1:0 --drain-timeout 1s >>"$OUT/raw/ferry.log" 2>&1 &
+      --healthz-bind-address 127.0.0.1:0 --drain-timeout 1s ${FERRY_ARGS:-} >>"$OUT/raw/ferry.log" 2>&1 &
     pid=$!
     ;;
   esac

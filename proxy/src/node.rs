@@ -57,7 +57,13 @@
 
 pub mod proxy_protocol;
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use ferry_model::{Endpoint, Frontend, FrontendKey, ServicePort, TrafficPolicy};
 use ipnet::IpNet;
@@ -86,7 +92,8 @@ pub struct NodeFrontends {
     node_addresses: Arc<[IpAddr]>,
     hold: Hold,
     freebind: bool,
-    transparent: bool,
+    /// Shared with the node loop, which turns it on once the host is programmed for it.
+    transparent: Arc<AtomicBool>,
 }
 
 // === impl NodeFrontends ===
@@ -107,7 +114,7 @@ impl NodeFrontends {
             node_addresses: node_addresses.into(),
             hold: Hold::default(),
             freebind: true,
-            transparent: false,
+            transparent: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -128,9 +135,16 @@ impl NodeFrontends {
     /// With `true`, connections of external clients to local endpoints (`externalTrafficPolicy:
     /// Local`) come from the client's own address (see the module docs on source-IP preservation).
     #[must_use]
-    pub fn with_transparent(mut self, transparent: bool) -> Self {
-        self.transparent = transparent;
+    pub fn with_transparent(self, transparent: bool) -> Self {
+        self.transparent.store(transparent, Ordering::Release);
         self
+    }
+
+    /// The switch behind [`with_transparent`](Self::with_transparent), for turning source-IP
+    /// preservation on later (once the reply path is programmed). Frontends bound before the switch
+    /// keep what they had until they are applied again.
+    pub fn transparency(&self) -> Arc<AtomicBool> {
+        self.transparent.clone()
     }
 
     fn binding(&self, addr: std::net::SocketAddr, endpoints: Arc<[Endpoint]>) -> Binding {
@@ -158,7 +172,7 @@ impl NodeFrontends {
                     self.local_sources.iter().copied().chain([own]).collect()
                 };
                 b.internal = Some((internal, eps.cluster.clone()));
-                b.transparent = self.transparent;
+                b.transparent = self.transparent.load(Ordering::Acquire);
                 b
             }
         }

@@ -488,6 +488,23 @@ fn peer_echo(pod: &Netns, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
 async fn external_traffic_policy_local_preserves_the_client_address_for_local_endpoints() {
     let c = Cluster::new();
     let backend = peer_echo(&c.pod_a, sa("10.244.1.10:8080"));
+    let nft_tables = || {
+        let out = c.node.command("nft").args(["list", "tables"]).output().expect("nft");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // No Service needs the reply path yet: the node's packets pay nothing for it.
+    c.dir.write(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml("web", "  clusterIP: 10.96.0.10\n", &[("http", "TCP", 80, 8080, None)]),
+            slice_yaml("web-1", "web", "IPv4", &[("10.244.1.10", "node-a", true)], &[("http", "TCP", 8080)])
+        ),
+    );
+    let ferry = c.start(&[]);
+    assert!(!nft_tables().contains("ferry"), "reply path installed with no Service needing it");
+    let version = ferry.snapshot()["version"].as_u64().expect("version");
+
     c.dir.write(
         "web.yaml",
         &format!(
@@ -500,7 +517,10 @@ async fn external_traffic_policy_local_preserves_the_client_address_for_local_en
             slice_yaml("web-1", "web", "IPv4", &[("10.244.1.10", "node-a", true)], &[("http", "TCP", 8080)])
         ),
     );
-    let _ferry = c.start(&[]);
+    ferry
+        .wait_log(DEADLINE, |l| msg(l) == "synced" && l["version"].as_u64() == Some(version + 1))
+        .expect("the NodePort Service was never synced");
+    assert!(nft_tables().contains("table inet ferry"), "reply path not installed");
 
     // Outside client: the pod sees the client's own address (no SNAT), as with kube-proxy.
     assert_eq!(
