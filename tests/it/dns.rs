@@ -689,37 +689,12 @@ spec:
 #[test]
 fn node_dns_from_the_api_server_sees_headless_services() {
     let cluster = crate::node::Cluster::new();
-    let server = cluster.node.enter(ferry_test_apiserver::ApiServer::start);
-    let kubeconfig = ConfigDir::new();
-    kubeconfig.write("kubeconfig", &server.kubeconfig());
-    let apply = |yaml: &str| {
-        for doc in yaml.split("\n---\n") {
-            let value: serde_json::Value =
-                serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
-            server.apply(value).expect("apply");
-        }
-    };
+    let api = crate::kube::Api::start(&cluster);
+    let apply = |yaml: &str| api.apply(yaml);
     apply(&crate::node::node_yaml());
+    apply(&headless_db(&["{addresses: [10.244.1.10], hostname: db-0, nodeName: node-a}"]));
     apply(
         r#"apiVersion: v1
-kind: Service
-metadata: {name: db, namespace: default}
-spec:
-  clusterIP: None
-  ports: [{name: pg, port: 5432}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: db-1
-  namespace: default
-  labels: {kubernetes.io/service-name: db, service.kubernetes.io/headless: ""}
-addressType: IPv4
-ports: [{name: pg, port: 5432, protocol: TCP}]
-endpoints:
-- {addresses: ["10.244.1.10"], hostname: db-0, nodeName: node-a}
----
-apiVersion: v1
 kind: Service
 metadata:
   name: other
@@ -730,7 +705,7 @@ spec:
   ports: [{name: http, port: 80}]
 "#,
     );
-    let path = kubeconfig.path().join("kubeconfig").to_str().expect("utf-8").to_owned();
+    let path = api.path();
     let ferry = cluster.spawn(
         &["--kubeconfig", &path],
         &["--min-sync-period", "50ms", "--dns-listen", "169.254.20.10:53", "--no-forward"],
@@ -758,20 +733,10 @@ spec:
 
     // A second endpoint through the API: visible once the zone has the new version.
     let version = ferry.metric("ferry_dns_zone_version", &[]);
-    apply(
-        r#"apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: db-1
-  namespace: default
-  labels: {kubernetes.io/service-name: db, service.kubernetes.io/headless: ""}
-addressType: IPv4
-ports: [{name: pg, port: 5432, protocol: TCP}]
-endpoints:
-- {addresses: ["10.244.1.10"], hostname: db-0, nodeName: node-a}
-- {addresses: ["10.244.2.10"], hostname: db-1, nodeName: node-b}
-"#,
-    );
+    apply(&headless_db(&[
+        "{addresses: [10.244.1.10], hostname: db-0, nodeName: node-a}",
+        "{addresses: [10.244.2.10], hostname: db-1, nodeName: node-b}",
+    ]));
     let start = Instant::now();
     while ferry.metric("ferry_dns_zone_version", &[]) <= version {
         assert!(start.elapsed() < DEADLINE, "zone never rebuilt after the API change");
@@ -785,16 +750,8 @@ endpoints:
 /// Service created later resolves once the zone has the new version.
 #[test]
 fn dns_from_the_api_server() {
-    let server = ferry_test_apiserver::ApiServer::start();
-    let kubeconfig = ConfigDir::new();
-    kubeconfig.write("kubeconfig", &server.kubeconfig());
-    let apply = |yaml: &str| {
-        for doc in yaml.split("\n---\n") {
-            let value: serde_json::Value =
-                serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
-            server.apply(value).expect("apply");
-        }
-    };
+    let api = crate::kube::Api::start_here();
+    let apply = |yaml: &str| api.apply(yaml);
     apply(
         r#"apiVersion: v1
 kind: Service
@@ -802,27 +759,10 @@ metadata: {name: web, namespace: default}
 spec:
   clusterIP: 10.96.0.10
   ports: [{name: http, port: 80}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: db, namespace: default}
-spec:
-  clusterIP: None
-  ports: [{name: pg, port: 5432}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: db-1
-  namespace: default
-  labels: {kubernetes.io/service-name: db, service.kubernetes.io/headless: ""}
-addressType: IPv4
-ports: [{name: pg, port: 5432, protocol: TCP}]
-endpoints:
-- {addresses: ["10.1.0.1"], hostname: db-0}
 "#,
     );
-    let path = kubeconfig.path().join("kubeconfig").to_str().expect("utf-8").to_owned();
+    apply(&headless_db(&["{addresses: [10.1.0.1], hostname: db-0}"]));
+    let path = api.path();
     let (ferry, port) = start_dns_from(&["--kubeconfig", &path], &["--no-forward"]);
     assert_eq!(dig(port, &[&n("web"), "A"]).rdata_sorted(), vec!["10.96.0.10".to_owned()]);
     assert_eq!(dig(port, &[&n("db-0.db"), "A"]).rdata_sorted(), vec!["10.1.0.1".to_owned()]);
@@ -844,4 +784,32 @@ spec:
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(dig(port, &[&n("api"), "A"]).rdata_sorted(), vec!["10.96.0.12".to_owned()]);
+}
+
+/// The headless Service `db` (port `pg`) and its EndpointSlice, labelled headless as the
+/// EndpointSlice controller labels it; `endpoints` are YAML flow mappings.
+fn headless_db(endpoints: &[&str]) -> String {
+    let mut y = String::from(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec:
+  clusterIP: None
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  namespace: default
+  labels: {kubernetes.io/service-name: db, service.kubernetes.io/headless: ""}
+addressType: IPv4
+ports: [{name: pg, port: 5432, protocol: TCP}]
+endpoints:
+"#,
+    );
+    for e in endpoints {
+        y.push_str(&format!("- {e}\n"));
+    }
+    y
 }

@@ -25,28 +25,38 @@ use crate::{
 const WEB: &str = "10.96.0.10:80";
 const SECOND: &str = "10.96.0.11:80";
 
-/// The API server (in the node namespace) and its kubeconfig.
-struct Api {
-    server: ApiServer,
+/// A test API server and its kubeconfig (shared with the DNS tests).
+pub struct Api {
+    pub server: ApiServer,
     kubeconfig: ConfigDir,
 }
 
 impl Api {
-    fn start(c: &Cluster) -> Self {
+    /// An API server on the loopback of the node namespace, where `ferry node` runs.
+    pub fn start(c: &Cluster) -> Self {
         // Threads inherit the namespace of the thread that spawns them: the server's runtime lives
-        // in the node namespace, where `ferry node` runs.
-        let server = c.node.enter(ApiServer::start);
+        // in the node namespace.
+        Self::with(c.node.enter(ApiServer::start))
+    }
+
+    /// An API server on this namespace's loopback.
+    pub fn start_here() -> Self {
+        Self::with(ApiServer::start())
+    }
+
+    fn with(server: ApiServer) -> Self {
         let kubeconfig = ConfigDir::new();
         kubeconfig.write("kubeconfig", &server.kubeconfig());
         Self { server, kubeconfig }
     }
 
-    fn path(&self) -> String {
+    /// The kubeconfig's path.
+    pub fn path(&self) -> String {
         self.kubeconfig.path().join("kubeconfig").to_str().expect("utf-8").to_owned()
     }
 
     /// Applies every document of `yaml`.
-    fn apply(&self, yaml: &str) {
+    pub fn apply(&self, yaml: &str) {
         for doc in yaml.split("\n---\n") {
             let value: Value = serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
             self.server.apply(value).expect("apply");
