@@ -7,20 +7,17 @@
 //! than it saves). It reads the live snapshot through [`Snapshots`] and never blocks the data plane.
 //! [`serve`] takes an already-bound listener and a shutdown token, so tests bind `127.0.0.1:0`.
 
-use std::{
-    convert::Infallible,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
 };
 
+use ::http::{Method, Request, Response, StatusCode, header};
 use bytes::Bytes;
+use ferry_proxy::health::http::{self, Handler};
 use ferry_watch::Snapshots;
-use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -38,39 +35,11 @@ pub(crate) struct AdminState {
     pub(crate) shutdown: CancellationToken,
 }
 
-/// Serves admin requests on `listener` until `shutdown` is cancelled.
+/// Serves admin requests on `listener` until `shutdown` is cancelled (the health servers' HTTP/1
+/// loop, [`ferry_proxy::health::http::serve`]).
 pub(crate) async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
-    let state = Arc::new(state);
-    loop {
-        let (stream, _) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => if let Err(error) = res { tracing::debug!(%error, "admin connection"); },
-                () = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
-            }
-        });
-    }
+    let handler: Arc<Handler> = Arc::new(move |req, _local| route(&state, req));
+    http::serve(listener, handler, shutdown).await;
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -8,13 +8,14 @@
 //!   arrives and [`ProxyHealth::updated`] once the data plane applied it.
 //! - [`metrics`]: kube-proxy's `kubeproxy_*` metrics with their names, help strings and buckets.
 //! - [`clock`]: the injectable clock and Go's time formats.
+//! - [`http`]: the HTTP/1 accept loop these servers (and the binary's admin server) run on.
 //!
 //! Everything on the request path is lock-free (atomics); responses are laid out as Go's
 //! `net/http` writes them, so only the `Date` header and the times differ from kube-proxy's bytes.
 
 pub mod clock;
 pub mod healthz;
-mod http;
+pub mod http;
 pub mod metrics;
 mod proxy;
 pub mod service;

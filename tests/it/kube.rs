@@ -134,10 +134,6 @@ impl Api {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-
-    fn services(&self) -> ResourceId {
-        ResourceId::new("", "v1", "services")
-    }
 }
 
 fn unversioned(mut snapshot: Value) -> Value {
@@ -258,7 +254,7 @@ async fn api_source_survives_disconnects_410_and_restarts() {
     let ferry = api.ferry(&c);
     let mut conn = c.pod_b.tcp_connect(sa(WEB)).expect("connect web");
     assert_eq!(read_greeting(&mut conn).await.expect("greeting"), "a");
-    let services = api.services();
+    let services = ResourceId::core("services");
     let lists = api.server.stats(&services).lists;
 
     // 1. Streams cut between events: resumed from the last (bookmarked) version, no relist.

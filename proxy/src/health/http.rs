@@ -1,5 +1,6 @@
-//! The HTTP/1 plumbing shared by the health servers: an accept loop on an already-bound listener
-//! and responses laid out the way Go's `net/http` writes them.
+//! The HTTP/1 plumbing shared by the health servers and the binary's admin server: an accept
+//! loop on an already-bound listener ([`serve`]), and responses laid out the way Go's `net/http`
+//! writes them.
 //!
 //! Go writes the handler's headers sorted by name, then `Date`, then `Content-Length`, all in
 //! canonical Title-Case. Hyper writes headers in insertion order, so [`go_response`] inserts them in
@@ -19,18 +20,18 @@ use tokio_util::sync::CancellationToken;
 use super::clock::{Clock, http_date};
 
 /// Answers one request; `local` is the address the connection arrived on.
-pub(crate) type Handler = dyn Fn(&Request<Incoming>, SocketAddr) -> Response<Full<Bytes>> + Send + Sync;
+pub type Handler = dyn Fn(&Request<Incoming>, SocketAddr) -> Response<Full<Bytes>> + Send + Sync;
 
 /// Serves `handler` on `listener` until `stop` is cancelled. Returns (dropping the listener, so
 /// the port is free) as soon as `stop` fires; open connections finish gracefully.
-pub(crate) async fn serve(listener: TcpListener, handler: Arc<Handler>, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, handler: Arc<Handler>, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(error) => {
-                    tracing::warn!(%error, "health server accept failed");
+                    tracing::warn!(%error, "HTTP accept failed");
                     // EMFILE and friends: back off instead of spinning.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -52,7 +53,7 @@ pub(crate) async fn serve(listener: TcpListener, handler: Arc<Handler>, stop: Ca
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
-                res = conn.as_mut() => if let Err(error) = res { tracing::debug!(%error, "health connection"); },
+                res = conn.as_mut() => if let Err(error) = res { tracing::debug!(%error, "HTTP connection"); },
                 () = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     // Bounded: an idle keep-alive peer must not hold the task forever.

@@ -160,7 +160,7 @@ async fn relist_after_410_deletes_what_is_gone() {
     r.api.set_unavailable(false);
     let after = r.wait("the relist", |s| s.services.len() == 1).await;
     assert!(after.services.contains_key(&key("stays")));
-    let services = ferry_test_apiserver::ResourceId::new("", "v1", "services");
+    let services = ferry_test_apiserver::ResourceId::core("services");
     assert_eq!(r.api.stats(&services).lists, 2, "one initial list and one relist after 410");
     r.stop().await;
 }
