@@ -20,13 +20,14 @@
 //! - With `proxy_protocol` on the port, a PROXY protocol v2 header (client address, frontend
 //!   address) is written to the endpoint before any client byte.
 //!
-//! Bytes first move through a per-thread scratch buffer (cheapest for small messages); a direction
-//! whose read fills the buffer carries bulk data and switches to `splice(2)` through a pipe (Linux,
-//! see [`crate::sys`]). Both are driven by tokio readiness (`readable()`/`writable()` + `try_io`),
-//! so the two directions share one task and a connection owns no buffer of its own.
+//! The bytes themselves move in [`relay`] (copy for small messages, `splice(2)` for bulk).
+
+mod relay;
+
+use relay::Outcome;
 
 use std::{
-    io::{self, Read as _},
+    io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -163,18 +164,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
         return;
     }
 
-    // `biased`: poll the relay first and skip select's per-poll random number; the drain token
-    // is only a backstop.
-    let outcome = tokio::select! {
-        biased;
-        r = relay(&client, &server, &state, zero_copy) => Some(r),
-        () = drain.cancelled() => None,
-    };
-    match outcome {
-        Some(Ok((rx, tx))) => {
+    match relay::relay(&client, &server, &state.metrics.rx, &state.metrics.tx, zero_copy, &drain).await {
+        Outcome::Closed(rx, tx) => {
             tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), rx, tx, "closed");
         }
-        Some(Err(error)) => {
+        Outcome::Failed(error) => {
             // Propagate the failure as a reset to the side that is still alive.
             match error {
                 Error::Client(_) => reset(&server),
@@ -182,7 +176,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
             }
             tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), %error, "reset");
         }
-        None => {
+        Outcome::Drained => {
             reset(&client);
             reset(&server);
             tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), "drained");
@@ -287,7 +281,7 @@ fn close_quietly(client: &TcpStream) {
             Ok(_) => {}
         }
     }
-    half_close(client);
+    relay::half_close(client);
 }
 
 /// Writes the PROXY protocol v2 header for `client` (from `peer`) to `server`.
@@ -295,7 +289,7 @@ async fn send_proxy_header(client: &TcpStream, peer: SocketAddr, server: &TcpStr
     let local = client.local_addr()?;
     let mut buf = [0u8; proxy_protocol::MAX_LEN];
     let n = proxy_protocol::encode_v2(peer, local, &mut buf);
-    write_all(server, &buf[..n]).await.map_err(|(Fail::Read(e) | Fail::Write(e))| e)
+    relay::write_all(server, &buf[..n]).await
 }
 
 /// TCP_NODELAY (small writes go out at once, as the client sent them); failure only costs latency.
@@ -308,256 +302,9 @@ fn reset(s: &TcpStream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
-fn half_close(s: &TcpStream) {
-    let _ = SockRef::from(s).shutdown(std::net::Shutdown::Write);
-}
-
-/// Relays both directions until both ended; returns bytes (from client, to client).
-async fn relay(
-    client: &TcpStream,
-    server: &TcpStream,
-    state: &ListenerState,
-    zero_copy: bool,
-) -> Result<(u64, u64), Error> {
-    let (rx, tx) = (&state.metrics.rx, &state.metrics.tx);
-    tokio::try_join!(
-        async { one_way(client, server, rx, zero_copy).await.map_err(|f| side_error(f, true)) },
-        async { one_way(server, client, tx, zero_copy).await.map_err(|f| side_error(f, false)) },
-    )
-}
-
-/// Which side a one-direction copy failed on.
-enum Fail {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-fn side_error(fail: Fail, from_client: bool) -> Error {
-    match (fail, from_client) {
-        (Fail::Read(e), true) | (Fail::Write(e), false) => Error::Client(e),
-        (Fail::Read(e), false) | (Fail::Write(e), true) => Error::Upstream(e),
-    }
-}
-
-/// Size of the per-thread copy buffer; a read that fills it switches the direction to splice.
-const SCRATCH_LEN: usize = 16 * 1024;
-
-thread_local! {
-    /// One copy buffer per worker thread. It is only borrowed between a read and the write that
-    /// immediately follows it, never across an `.await`, so the tasks of a thread can share it.
-    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
-}
-
-fn transient(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
-}
-
-/// Moves bytes `from` -> `to` until EOF, then half-closes `to`. Returns the bytes moved.
-///
-/// Small messages (requests, responses, handshakes) are copied through the thread's scratch
-/// buffer: a read is written out at once in the same poll, so no per-connection buffer exists
-/// unless a write blocks (then only the unwritten rest is kept). Once a read fills the whole
-/// buffer the direction is carrying bulk data and switches to `splice(2)` (Linux), which moves
-/// pages without copying them through user space. This is HAProxy's `splice-auto` idea.
-async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    bytes: &metrics::Counter,
-    zero_copy: bool,
-) -> Result<u64, Fail> {
-    let mut total = 0u64;
-    let mut rest: Vec<u8> = Vec::new();
-    loop {
-        let ready = from.ready(Interest::READABLE).await.map_err(Fail::Read)?;
-        // A read shorter than the buffer almost always drained the socket. Telling tokio so
-        // (the closure reports WouldBlock after keeping the bytes) saves the read that would
-        // only return EAGAIN: one system call per message. Not when the peer's FIN is already
-        // known (`read_closed`), because then no further readiness event would wake us for EOF.
-        // A race with newly arrived data is safe: tokio only clears readiness if no new event
-        // arrived since `ready` was observed.
-        let read_closed = ready.is_read_closed();
-        let mut got = 0;
-        let read = SCRATCH.with_borrow_mut(|buf| {
-            from.try_io(Interest::READABLE, || {
-                got = (&*SockRef::from(from)).read(buf)?;
-                if got > 0 && got < buf.len() && !read_closed {
-                    Err(io::ErrorKind::WouldBlock.into())
-                } else {
-                    Ok(got)
-                }
-            })
-        });
-        let n = match read {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if transient(&e) && got > 0 => got,
-            Err(e) if transient(&e) => continue,
-            Err(e) => return Err(Fail::Read(e)),
-        };
-        let written = match SCRATCH.with_borrow(|buf| to.try_write(&buf[..n])) {
-            Ok(m) => m,
-            Err(e) if transient(&e) => 0,
-            Err(e) => return Err(Fail::Write(e)),
-        };
-        if written < n {
-            SCRATCH.with_borrow(|buf| rest.extend_from_slice(&buf[written..n]));
-            write_all(to, &rest).await?;
-            rest.clear();
-        }
-        total += n as u64;
-        bytes.increment(n as u64);
-        #[cfg(target_os = "linux")]
-        if zero_copy
-            && n == SCRATCH_LEN
-            && let Ok(pipe) = crate::sys::Pipe::take()
-        {
-            return splice::rest(from, to, pipe, total, bytes).await;
-        }
-    }
-    half_close(to);
-    Ok(total)
-}
-
-async fn write_all(to: &TcpStream, mut buf: &[u8]) -> Result<(), Fail> {
-    while !buf.is_empty() {
-        to.writable().await.map_err(Fail::Write)?;
-        match to.try_write(buf) {
-            Ok(m) => buf = &buf[m..],
-            Err(e) if transient(&e) => {}
-            Err(e) => return Err(Fail::Write(e)),
-        }
-    }
-    Ok(())
-}
-
-#[cfg(target_os = "linux")]
-mod splice {
-    //! Zero-copy relay of one direction: socket -> pipe -> socket with `splice(2)`.
-
-    use std::os::fd::AsRawFd;
-
-    use super::*;
-    use crate::sys::Pipe;
-
-    /// Continues [`one_way`](super::one_way) with `splice`, from `total` bytes moved so far.
-    pub(super) async fn rest(
-        from: &TcpStream,
-        to: &TcpStream,
-        pipe: Pipe,
-        mut total: u64,
-        bytes: &metrics::Counter,
-    ) -> Result<u64, Fail> {
-        let cap = pipe.capacity();
-        let (rfd, wfd) = (from.as_raw_fd(), to.as_raw_fd());
-        let mut in_pipe = 0;
-        let mut eof = false;
-        let result = async {
-            loop {
-                let mut progress = false;
-                // Read while the pipe has room, even while the writer is blocked, so both
-                // sockets keep moving (a pipeline, not ping-pong).
-                if !eof && in_pipe < cap {
-                    // With an empty pipe, EAGAIN can only mean "socket drained": let tokio
-                    // clear the read readiness. With data in the pipe, EAGAIN may mean "pipe
-                    // full" instead, so the readiness must be left alone.
-                    let filled = if in_pipe == 0 {
-                        from.try_io(Interest::READABLE, || pipe.fill_from(rfd, cap.min(1 << 16)))
-                    } else {
-                        pipe.fill_from(rfd, (cap - in_pipe).min(1 << 16))
-                    };
-                    match filled {
-                        Ok(0) => eof = true,
-                        Ok(n) => {
-                            in_pipe += n;
-                            progress = true;
-                        }
-                        Err(e) if transient(&e) => {}
-                        Err(e) => return Err(Fail::Read(e)),
-                    }
-                }
-                if in_pipe > 0 {
-                    match to.try_io(Interest::WRITABLE, || pipe.drain_to(wfd, in_pipe)) {
-                        Ok(m) => {
-                            in_pipe -= m;
-                            total += m as u64;
-                            bytes.increment(m as u64);
-                            progress = true;
-                        }
-                        Err(e) if transient(&e) => {}
-                        Err(e) => return Err(Fail::Write(e)),
-                    }
-                }
-                if eof && in_pipe == 0 {
-                    break;
-                }
-                if !progress {
-                    if in_pipe == 0 {
-                        from.readable().await.map_err(Fail::Read)?;
-                    } else {
-                        to.writable().await.map_err(Fail::Write)?;
-                    }
-                }
-            }
-            half_close(to);
-            Ok(total)
-        }
-        .await;
-        // A pipe that may still hold bytes is closed, never reused.
-        if in_pipe == 0 {
-            pipe.give_back();
-        }
-        result
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     use super::*;
-
-    /// Two connected pairs: (client, proxy's client side) and (proxy's server side, server).
-    async fn pairs() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let client = TcpStream::connect(addr).await.expect("connect");
-        let (pc, _) = l.accept().await.expect("accept");
-        let ps = TcpStream::connect(addr).await.expect("connect");
-        let (server, _) = l.accept().await.expect("accept");
-        (client, pc, ps, server)
-    }
-
-    async fn exchange(size: usize, zero_copy: bool) {
-        let (mut client, pc, ps, mut server) = pairs().await;
-        let rx = metrics::Counter::noop();
-        let tx = metrics::Counter::noop();
-        let relay = async {
-            tokio::try_join!(
-                async { one_way(&pc, &ps, &rx, zero_copy).await.map_err(|f| side_error(f, true)) },
-                async { one_way(&ps, &pc, &tx, zero_copy).await.map_err(|f| side_error(f, false)) },
-            )
-        };
-        let payload: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
-        let ends = async {
-            client.write_all(&payload).await.expect("write");
-            client.shutdown().await.expect("half-close");
-            let mut got = Vec::new();
-            server.read_to_end(&mut got).await.expect("server reads to EOF");
-            server.write_all(b"reply after EOF").await.expect("reply");
-            server.shutdown().await.expect("close");
-            let mut back = Vec::new();
-            client.read_to_end(&mut back).await.expect("client reads reply");
-            (got, back)
-        };
-        let (r, (got, back)) =
-            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, ends) })
-                .await
-                .expect("in time");
-        assert_eq!(r.expect("relay"), (payload.len() as u64, 15));
-        assert!(got == payload);
-        assert_eq!(back, b"reply after EOF");
-    }
 
     /// The accepted socket inherits TCP_NODELAY from the listener, so `handle` need not set it.
     #[tokio::test]
@@ -570,24 +317,5 @@ mod tests {
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (accepted, _) = listener.accept().await.expect("accept");
         assert!(accepted.nodelay().expect("nodelay"));
-    }
-
-    /// Small transfers stay on the copy path.
-    #[tokio::test]
-    async fn small_transfer_half_close() {
-        exchange(100, false).await;
-        exchange(100, true).await;
-    }
-
-    /// Bulk transfers through the copy path.
-    #[tokio::test]
-    async fn bulk_transfer_half_close() {
-        exchange(3_000_000, false).await;
-    }
-
-    /// With zero copy, bulk transfers switch to splice mid-stream; nothing is lost or reordered.
-    #[tokio::test]
-    async fn bulk_transfer_with_splice_half_close() {
-        exchange(3_000_000, true).await;
     }
 }

@@ -1,0 +1,492 @@
+//! The byte relay of one proxied TCP connection: both directions and the drain signal, driven by
+//! one hand-written future ([`relay`]) on the connection's task.
+//!
+//! Each direction is a [`Half`]: a small state machine that reads from one socket and writes to
+//! the other. Small messages (requests, responses, handshakes) move through a per-thread scratch
+//! buffer: a read is written out in the same poll, so a connection owns no buffer unless a write
+//! blocks (then only the unwritten rest is kept, in the `Half`). A read that fills the whole buffer
+//! means bulk data: with `zero_copy` the direction switches to `splice(2)` through a pipe (Linux,
+//! HAProxy's `splice-auto` idea), which moves pages without copying them through user space.
+//!
+//! Why a hand-written future and not `try_join!` over two `async fn`s: per message this takes one
+//! readiness check (`poll_read_ready`, which keeps one waker slot per socket and direction) where
+//! tokio's `ready().await` links and unlinks a waiter under the socket's lock, and the drain token
+//! is checked with one atomic load rather than re-registered on every wake-up. `recv`/`send` are
+//! raw system calls (rustix), without libc's cancellation-point bookkeeping. Together that is
+//! most of the relay's own CPU per keep-alive request (benches/README.md, node-compare).
+//!
+//! Invariants:
+//! - A direction ends at EOF from its source, after everything read was written; then the
+//!   destination is half-closed (`shutdown(Write)`). The relay ends when both directions ended.
+//! - The first read or write error ends the relay with that error, naming the failed side.
+//! - A pipe goes back to the thread's cache only when it is known to be empty.
+
+use std::{
+    future::{Future as _, poll_fn},
+    io,
+    pin::pin,
+    task::{Context, Poll, Waker, ready},
+};
+
+use socket2::SockRef;
+use tokio::{io::Interest, net::TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+
+/// How a relay ended.
+pub(super) enum Outcome {
+    /// Both directions reached EOF; bytes (from client, to client).
+    Closed(u64, u64),
+    /// A read or write failed; the error names the side.
+    Failed(Error),
+    /// The drain token was cancelled first.
+    Drained,
+}
+
+/// Relays `client` <-> `server` until both directions ended, one failed, or `drain` is cancelled.
+/// `rx`/`tx` count bytes from and to the client as they move.
+pub(super) async fn relay(
+    client: &TcpStream,
+    server: &TcpStream,
+    rx: &metrics::Counter,
+    tx: &metrics::Counter,
+    zero_copy: bool,
+    drain: &CancellationToken,
+) -> Outcome {
+    let mut up = Half::new(zero_copy);
+    let mut down = Half::new(zero_copy);
+    let mut cancelled = pin!(drain.cancelled());
+    // The waker `cancelled` was last polled with: the token wakes that one, so while the task's
+    // waker stays the same an atomic `is_cancelled` is all a wake-up needs to check.
+    let mut registered: Option<Waker> = None;
+    poll_fn(|cx| {
+        if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            if drain.is_cancelled() {
+                return Poll::Ready(Outcome::Drained);
+            }
+        } else {
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Outcome::Drained);
+            }
+            registered = Some(cx.waker().clone());
+        }
+        let from_client = up.poll(cx, client, server, rx);
+        if let Poll::Ready(Err(fail)) = from_client {
+            return Poll::Ready(Outcome::Failed(fail.error(true)));
+        }
+        let to_client = down.poll(cx, server, client, tx);
+        if let Poll::Ready(Err(fail)) = to_client {
+            return Poll::Ready(Outcome::Failed(fail.error(false)));
+        }
+        if from_client.is_ready() && to_client.is_ready() {
+            Poll::Ready(Outcome::Closed(up.total, down.total))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Which side of one direction failed.
+pub(super) enum Fail {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Fail {
+    /// The error of a direction that reads from the client (`from_client`) or from the server.
+    pub(super) fn error(self, from_client: bool) -> Error {
+        match (self, from_client) {
+            (Fail::Read(e), true) | (Fail::Write(e), false) => Error::Client(e),
+            (Fail::Read(e), false) | (Fail::Write(e), true) => Error::Upstream(e),
+        }
+    }
+}
+
+/// Size of the per-thread copy buffer; a read that fills it switches the direction to splice.
+pub(super) const SCRATCH_LEN: usize = 16 * 1024;
+
+thread_local! {
+    /// One copy buffer per worker thread. It is only borrowed between a read and the write that
+    /// immediately follows it, never across a yield, so the tasks of a thread can share it.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
+}
+
+fn transient(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+}
+
+/// `recv(2)` without flags, as a direct system call.
+fn recv(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    rustix::net::recv(s, buf, rustix::net::RecvFlags::empty()).map(|(n, _)| n).map_err(io::Error::from)
+}
+
+/// `send(2)` with `MSG_NOSIGNAL` (a closed peer is an `EPIPE` error, not a signal).
+fn send(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    rustix::net::send(s, buf, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
+}
+
+/// Half-closes `s` (FIN after the queued bytes); failure means the peer is gone already.
+pub(super) fn half_close(s: &TcpStream) {
+    let _ = SockRef::from(s).shutdown(std::net::Shutdown::Write);
+}
+
+/// One direction of the relay: `from` -> `to`.
+struct Half {
+    /// Bytes moved so far.
+    total: u64,
+    /// The unwritten rest of a read whose write blocked, and how much of it is written since.
+    rest: Vec<u8>,
+    written: usize,
+    /// The last read filled the scratch buffer (bulk data).
+    bulk: bool,
+    zero_copy: bool,
+    /// Set once the direction switched to `splice`.
+    #[cfg(target_os = "linux")]
+    splice: Option<Splice>,
+    done: bool,
+}
+
+impl Half {
+    fn new(zero_copy: bool) -> Self {
+        Self {
+            total: 0,
+            rest: Vec::new(),
+            written: 0,
+            bulk: false,
+            zero_copy,
+            #[cfg(target_os = "linux")]
+            splice: None,
+            done: false,
+        }
+    }
+
+    /// Moves what can be moved now; `Ready(Ok)` once the direction has ended (and stays so).
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        bytes: &metrics::Counter,
+    ) -> Poll<Result<(), Fail>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(splice) = &mut self.splice {
+            ready!(splice.poll(cx, from, to, &mut self.total, bytes))?;
+            self.done = true;
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            // Finish a blocked write before reading more.
+            while self.written < self.rest.len() {
+                ready!(to.poll_write_ready(cx)).map_err(Fail::Write)?;
+                match to.try_io(Interest::WRITABLE, || send(to, &self.rest[self.written..])) {
+                    Ok(m) => self.written += m,
+                    Err(e) if transient(&e) => {}
+                    Err(e) => return Poll::Ready(Err(Fail::Write(e))),
+                }
+            }
+            if !self.rest.is_empty() {
+                self.rest.clear();
+                self.written = 0;
+            }
+            #[cfg(target_os = "linux")]
+            if self.bulk && self.zero_copy {
+                match crate::sys::Pipe::take() {
+                    Ok(pipe) => {
+                        self.splice = Some(Splice { pipe, in_pipe: 0, eof: false });
+                        return self.poll(cx, from, to, bytes);
+                    }
+                    // No pipe (descriptor limit): stay on the copy path.
+                    Err(_) => self.zero_copy = false,
+                }
+            }
+
+            ready!(from.poll_read_ready(cx)).map_err(Fail::Read)?;
+            // A read shorter than the buffer almost always drained the socket. Telling tokio so
+            // (the closure reports WouldBlock after keeping the bytes) saves the read that would
+            // only return EAGAIN: one system call per message. If the peer's FIN came with the
+            // data, tokio keeps the read-closed state through the clear, so the next
+            // `poll_read_ready` is ready at once and the read sees EOF. A race with newly arrived
+            // data is safe too: tokio only clears readiness if no new event arrived since.
+            let mut got = 0;
+            let read = SCRATCH.with_borrow_mut(|buf| {
+                from.try_io(Interest::READABLE, || {
+                    got = recv(from, buf)?;
+                    if got > 0 && got < buf.len() { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(got) }
+                })
+            });
+            let n = match read {
+                Ok(0) => {
+                    half_close(to);
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(n) => n,
+                Err(e) if transient(&e) && got > 0 => got,
+                Err(e) if transient(&e) => continue,
+                Err(e) => return Poll::Ready(Err(Fail::Read(e))),
+            };
+            let written =
+                match SCRATCH.with_borrow(|buf| to.try_io(Interest::WRITABLE, || send(to, &buf[..n]))) {
+                    Ok(m) => m,
+                    Err(e) if transient(&e) => 0,
+                    Err(e) => return Poll::Ready(Err(Fail::Write(e))),
+                };
+            if written < n {
+                SCRATCH.with_borrow(|buf| self.rest.extend_from_slice(&buf[written..n]));
+            }
+            self.total += n as u64;
+            bytes.increment(n as u64);
+            self.bulk = n == SCRATCH_LEN;
+        }
+    }
+}
+
+/// A direction in zero-copy mode: socket -> pipe -> socket with `splice(2)`.
+#[cfg(target_os = "linux")]
+struct Splice {
+    pipe: crate::sys::Pipe,
+    /// Bytes in the pipe, not yet written to the destination.
+    in_pipe: usize,
+    /// The source reached EOF.
+    eof: bool,
+}
+
+#[cfg(target_os = "linux")]
+impl Splice {
+    /// Moves bytes until EOF (then half-closes `to`), or until neither side can make progress.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        total: &mut u64,
+        bytes: &metrics::Counter,
+    ) -> Poll<Result<(), Fail>> {
+        use std::os::fd::AsRawFd;
+
+        let cap = self.pipe.capacity();
+        let (rfd, wfd) = (from.as_raw_fd(), to.as_raw_fd());
+        loop {
+            let mut progress = false;
+            // Read while the pipe has room, even while the writer is blocked, so both sockets
+            // keep moving (a pipeline, not ping-pong).
+            if !self.eof && self.in_pipe < cap {
+                // With an empty pipe, EAGAIN can only mean "socket drained": let tokio clear the
+                // read readiness. With data in the pipe, EAGAIN may mean "pipe full" instead, so
+                // the readiness must be left alone.
+                let len = (cap - self.in_pipe).min(1 << 16);
+                let filled = if self.in_pipe == 0 {
+                    from.try_io(Interest::READABLE, || self.pipe.fill_from(rfd, len))
+                } else {
+                    self.pipe.fill_from(rfd, len)
+                };
+                match filled {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => {
+                        self.in_pipe += n;
+                        progress = true;
+                    }
+                    Err(e) if transient(&e) => {}
+                    Err(e) => return Poll::Ready(Err(Fail::Read(e))),
+                }
+            }
+            if self.in_pipe > 0 {
+                match to.try_io(Interest::WRITABLE, || self.pipe.drain_to(wfd, self.in_pipe)) {
+                    Ok(m) => {
+                        self.in_pipe -= m;
+                        *total += m as u64;
+                        bytes.increment(m as u64);
+                        progress = true;
+                    }
+                    Err(e) if transient(&e) => {}
+                    Err(e) => return Poll::Ready(Err(Fail::Write(e))),
+                }
+            }
+            if self.eof && self.in_pipe == 0 {
+                half_close(to);
+                return Poll::Ready(Ok(()));
+            }
+            if !progress {
+                if self.in_pipe == 0 {
+                    ready!(from.poll_read_ready(cx)).map_err(Fail::Read)?;
+                } else {
+                    ready!(to.poll_write_ready(cx)).map_err(Fail::Write)?;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Half {
+    fn drop(&mut self) {
+        // A pipe that may still hold bytes is closed, never reused.
+        #[cfg(target_os = "linux")]
+        if let Some(splice) = self.splice.take()
+            && splice.in_pipe == 0
+        {
+            splice.pipe.give_back();
+        }
+    }
+}
+
+/// Writes all of `buf` to `to` (used before the relay starts, e.g. for a PROXY protocol header).
+pub(super) async fn write_all(to: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        to.writable().await?;
+        match to.try_io(Interest::WRITABLE, || send(to, buf)) {
+            Ok(m) => buf = &buf[m..],
+            Err(e) if transient(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// Two connected pairs: (client, proxy's client side) and (proxy's server side, server).
+    async fn pairs() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (pc, _) = l.accept().await.expect("accept");
+        let ps = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = l.accept().await.expect("accept");
+        (client, pc, ps, server)
+    }
+
+    fn payload(size: usize) -> Vec<u8> {
+        (0..size).map(|i| (i % 241) as u8).collect()
+    }
+
+    /// The client sends `size` bytes and half-closes; the server reads to EOF, answers and closes.
+    async fn exchange(size: usize, zero_copy: bool) {
+        let (mut client, pc, ps, mut server) = pairs().await;
+        let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
+        let drain = CancellationToken::new();
+        let payload = payload(size);
+        let ends = async {
+            client.write_all(&payload).await.expect("write");
+            client.shutdown().await.expect("half-close");
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.expect("server reads to EOF");
+            server.write_all(b"reply after EOF").await.expect("reply");
+            server.shutdown().await.expect("close");
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.expect("client reads reply");
+            (got, back)
+        };
+        let relay = relay(&pc, &ps, &rx, &tx, zero_copy, &drain);
+        let (outcome, (got, back)) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, ends) })
+                .await
+                .expect("in time");
+        let Outcome::Closed(from_client, to_client) = outcome else { panic!("relay did not close cleanly") };
+        assert_eq!((from_client, to_client), (payload.len() as u64, 15));
+        assert!(got == payload);
+        assert_eq!(back, b"reply after EOF");
+    }
+
+    /// Small transfers stay on the copy path.
+    #[tokio::test]
+    async fn small_transfer_half_close() {
+        exchange(100, false).await;
+        exchange(100, true).await;
+    }
+
+    /// Bulk transfers through the copy path.
+    #[tokio::test]
+    async fn bulk_transfer_half_close() {
+        exchange(3_000_000, false).await;
+    }
+
+    /// With zero copy, bulk transfers switch to splice mid-stream; nothing is lost or reordered.
+    #[tokio::test]
+    async fn bulk_transfer_with_splice_half_close() {
+        exchange(3_000_000, true).await;
+    }
+
+    /// Keep-alive traffic: many request/response rounds on one connection, each answered only
+    /// after the whole request arrived, so every round needs both directions to wake up again.
+    #[tokio::test]
+    async fn request_response_rounds() {
+        let (mut client, pc, ps, mut server) = pairs().await;
+        let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
+        let drain = CancellationToken::new();
+        let rounds = async {
+            for round in 0..500u32 {
+                let request = payload(50 + (round as usize * 37) % 3000);
+                client.write_all(&request).await.expect("request");
+                let mut got = vec![0; request.len()];
+                server.read_exact(&mut got).await.expect("server reads the request");
+                assert!(got == request, "request {round} arrived intact");
+                let response = round.to_be_bytes().repeat(1 + round as usize % 700);
+                server.write_all(&response).await.expect("response");
+                let mut back = vec![0; response.len()];
+                client.read_exact(&mut back).await.expect("client reads the response");
+                assert!(back == response, "response {round} arrived intact");
+            }
+            drop(client);
+            drop(server);
+        };
+        let (outcome, ()) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(relay(&pc, &ps, &rx, &tx, true, &drain), rounds)
+        })
+        .await
+        .expect("in time");
+        assert!(matches!(outcome, Outcome::Closed(..)), "both ends closed with FIN");
+    }
+
+    /// Cancelling the drain token ends the relay while both directions are still open.
+    #[tokio::test]
+    async fn drain_ends_the_relay() {
+        let (mut client, pc, ps, _server) = pairs().await;
+        let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
+        let drain = CancellationToken::new();
+        let cancel = async {
+            client.write_all(b"in flight").await.expect("write");
+            tokio::task::yield_now().await;
+            drain.cancel();
+        };
+        let (outcome, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(relay(&pc, &ps, &rx, &tx, false, &drain), cancel)
+        })
+        .await
+        .expect("in time");
+        assert!(matches!(outcome, Outcome::Drained));
+    }
+
+    /// A reset from the server ends the relay with an upstream error.
+    #[tokio::test]
+    async fn server_reset_is_an_upstream_error() {
+        let (mut client, pc, ps, server) = pairs().await;
+        let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
+        let drain = CancellationToken::new();
+        SockRef::from(&server).set_linger(Some(Duration::ZERO)).expect("linger");
+        let ends = async {
+            client.write_all(b"hello").await.expect("write");
+            drop(server);
+        };
+        let (outcome, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(relay(&pc, &ps, &rx, &tx, false, &drain), ends)
+        })
+        .await
+        .expect("in time");
+        assert!(matches!(outcome, Outcome::Failed(Error::Upstream(_))), "upstream failure");
+    }
+}
