@@ -67,7 +67,7 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const BALANCING_ANNOTATION: &str = "ferry.ethercluster.io/balancing";
 /// Annotation that makes Ferry send a PROXY protocol header to endpoints (`"v2"`).
 pub const PROXY_PROTOCOL_ANNOTATION: &str = "ferry.ethercluster.io/proxy-protocol";
-/// Annotation that turns on `splice(2)` for bulk TCP data (`"true"`).
+/// Annotation that turns off `splice(2)` for bulk TCP data (`"false"`; on by default).
 pub const ZERO_COPY_ANNOTATION: &str = "ferry.ethercluster.io/zero-copy";
 
 /// Whether a proxy named `proxy_name` handles an object with these labels.
@@ -346,7 +346,7 @@ impl ServiceInput {
             .annotations
             .as_ref()
             .and_then(|a| a.get(ZERO_COPY_ANNOTATION))
-            .is_some_and(|v| v == "true");
+            .is_none_or(|v| v != "false");
         let proxy_protocol = svc
             .metadata
             .annotations

@@ -308,7 +308,9 @@ pub struct ServicePort {
     /// Connect and flow timeouts.
     pub timeouts: Timeouts,
     /// Move bulk TCP data with `splice(2)` once a direction carries more than small messages.
-    /// Off by default: on loopback and veth paths copying measured faster (`benches/README.md`).
+    /// On by default for Services (off with `ferry.ethercluster.io/zero-copy: "false"`): between
+    /// network namespaces it halves the CPU per GB (benches/README.md, node-compare). Standalone
+    /// listeners keep `zeroCopy: false` by default: on loopback copying measured faster.
     pub zero_copy: bool,
     /// Send a PROXY protocol v2 header to the endpoint before the client's bytes (annotation
     /// `ferry.ethercluster.io/proxy-protocol: v2`), so it learns the client's address.

@@ -377,6 +377,9 @@ async fn udp_echo_spreads_and_passes_large_datagrams() {
     h.set(udp_listener(&[a, b], Duration::from_secs(30)));
     let proxy = h.addr(Protocol::Udp, "127.0.0.1:0");
     let mut seen: HashMap<u8, usize> = HashMap::new();
+    // Every client stays open until the end: a closed one's port could be reused by the next
+    // client, which would then (rightly) join the old flow.
+    let mut clients = Vec::new();
     for _ in 0..4 {
         let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let r = udp_ask(&c, proxy, b"ping").await;
@@ -384,6 +387,7 @@ async fn udp_echo_spreads_and_passes_large_datagrams() {
         *seen.entry(r[0]).or_default() += 1;
         // A second datagram from the same client stays on its flow.
         assert_eq!(udp_ask(&c, proxy, b"again").await[0], r[0]);
+        clients.push(c);
     }
     assert_eq!(seen.get(&1), Some(&2), "{seen:?}");
     assert_eq!(seen.get(&2), Some(&2), "{seen:?}");

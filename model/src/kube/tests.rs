@@ -118,6 +118,21 @@ fn cluster_ip_fallback_and_defaults() {
     assert_eq!(i.external_traffic_policy, TrafficPolicy::Cluster);
     assert_eq!(i.health_check_node_port, None, "only LoadBalancer with eTP=Local");
     assert_eq!(i.balancing, Balancing::Random);
+    assert!(i.zero_copy, "splice for bulk data unless turned off");
+}
+
+#[test]
+fn zero_copy_annotation() {
+    let with = |v: &str| {
+        ServiceInput::from_service(&svc(json!({
+            "metadata": {"name": "a", "annotations": {ZERO_COPY_ANNOTATION: v}},
+            "spec": {"clusterIP": "10.96.0.2", "ports": [{"port": 80}]}
+        })))
+        .zero_copy
+    };
+    assert!(!with("false"));
+    assert!(with("true"));
+    assert!(with("bogus"), "anything but \"false\" keeps the default");
 }
 
 #[test]
