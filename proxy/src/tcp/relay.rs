@@ -8,12 +8,12 @@
 //! means bulk data: with `zero_copy` the direction switches to `splice(2)` through a pipe (Linux,
 //! HAProxy's `splice-auto` idea), which moves pages without copying them through user space.
 //!
-//! Why a hand-written future and not `try_join!` over two `async fn`s: per message this takes one
-//! readiness check (`poll_read_ready`, which keeps one waker slot per socket and direction) where
-//! tokio's `ready().await` links and unlinks a waiter under the socket's lock, and the drain token
-//! is checked with one atomic load rather than re-registered on every wake-up. `recv`/`send` are
-//! raw system calls (rustix), without libc's cancellation-point bookkeeping. Together that is
-//! most of the relay's own CPU per keep-alive request (benches/README.md, node-compare).
+//! Why a hand-written future and not `try_join!` over two `async fn`s: a direction waits with
+//! `poll_read_ready` (one waker slot per socket and direction), where `ready().await` links and
+//! unlinks a waiter under the socket's lock on every wait; the drain token is only asked
+//! `is_cancelled` once registered, not re-registered on every wake-up; and `recv`/`send` are direct
+//! system calls (rustix), without libc's cancellation-point bookkeeping. Together that was most of
+//! the relay's own CPU per keep-alive request (benches/README.md, node-compare).
 //!
 //! Invariants:
 //! - A direction ends at EOF from its source, after everything read was written; then the
@@ -64,7 +64,7 @@ pub(super) async fn relay(
     let mut down = Half::new(zero_copy);
     let mut cancelled = pin!(drain.cancelled());
     // The waker `cancelled` was last polled with: the token wakes that one, so while the task's
-    // waker stays the same an atomic `is_cancelled` is all a wake-up needs to check.
+    // waker stays the same `is_cancelled` is all a wake-up needs to check.
     let mut registered: Option<Waker> = None;
     poll_fn(|cx| {
         if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
