@@ -95,14 +95,14 @@ pub(super) async fn relay(
 }
 
 /// Which side of one direction failed.
-pub(super) enum Fail {
+enum Fail {
     Read(io::Error),
     Write(io::Error),
 }
 
 impl Fail {
     /// The error of a direction that reads from the client (`from_client`) or from the server.
-    pub(super) fn error(self, from_client: bool) -> Error {
+    fn error(self, from_client: bool) -> Error {
         match (self, from_client) {
             (Fail::Read(e), true) | (Fail::Write(e), false) => Error::Client(e),
             (Fail::Read(e), false) | (Fail::Write(e), true) => Error::Upstream(e),
@@ -111,7 +111,7 @@ impl Fail {
 }
 
 /// Size of the per-thread copy buffer; a read that fills it switches the direction to splice.
-pub(super) const SCRATCH_LEN: usize = 16 * 1024;
+const SCRATCH_LEN: usize = 16 * 1024;
 
 thread_local! {
     /// One copy buffer per worker thread. It is only borrowed between a read and the write that
