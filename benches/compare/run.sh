@@ -527,6 +527,10 @@ report() {
 
 # === main ===
 
+# One function, so that bash has read all of it before it starts: editing this file during a run
+# cannot change what the run executes.
+main() {
+
 START=$SECONDS
 log "output: $OUT (netns $NS, DUR=${DUR}s, ROUNDS=$ROUNDS, tests: $TESTS, contenders: $CONTENDERS, nofile=$NOFILE)"
 setup_ns
@@ -570,3 +574,6 @@ git_dirty=$(git -C "$REPO" status --porcelain 2>/dev/null | wc -l)
   fi
 } | tee "$OUT/report.md"
 log "raw data: $RESULTS"
+}
+
+main

@@ -960,6 +960,10 @@ report() {
 
 # === main ===
 
+# One function, so that bash has read all of it before it starts: editing this file during a run
+# cannot change what the run executes.
+main() {
+
 START=$SECONDS
 log "output: $OUT (netns $NS_CL/$NS_ND/$NS_BE, DUR=${DUR}s, ROUNDS=$ROUNDS, PIN=$PIN, tests: $TESTS, contenders: $CONTENDERS)"
 setup_topology
@@ -1009,3 +1013,6 @@ git_dirty=$(git -C "$REPO" status --porcelain 2>/dev/null | wc -l)
   fi
 } | tee "$OUT/report.md"
 log "raw data: $RESULTS"
+}
+
+main
