@@ -262,6 +262,59 @@ async fn cluster_ip_node_port_and_vip_device_from_pod_node_and_outside() {
     assert!(snap.to_string().contains("10.96.0.10"), "{snap}");
 }
 
+/// Bulk data through a ClusterIP, both ways at once, then a half-close: a Service splices it by
+/// default and copies it with `ferry.ethercluster.io/zero-copy: "false"`; either way every byte
+/// arrives in order and the reply direction stays open after the client's FIN.
+#[tokio::test(flavor = "multi_thread")]
+async fn bulk_transfers_through_a_cluster_ip_arrive_intact_spliced_or_copied() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let c = Cluster::new();
+    let _b = Cluster::tcp_backend(&c.pod_b, "10.244.2.10", 8080, "b");
+    let slice = |name: &str, svc: &str| {
+        slice_yaml(name, svc, "IPv4", &[("10.244.2.10", "node-b", true)], &[("http", "TCP", 8080)])
+    };
+    let port = [("http", "TCP", 80, "8080", None)];
+    c.dir.write(
+        "bulk.yaml",
+        &docs(&[
+            service("spliced", &[], "  clusterIP: 10.96.0.30\n", &port, ""),
+            slice("spliced-1", "spliced"),
+            service(
+                "copied",
+                &[("ferry.ethercluster.io/zero-copy", "false")],
+                "  clusterIP: 10.96.0.31\n",
+                &port,
+                "",
+            ),
+            slice("copied-1", "copied"),
+        ]),
+    );
+    let _ferry = c.start(&[]);
+
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    for vip in ["10.96.0.30:80", "10.96.0.31:80"] {
+        let mut s = c.pod_a.tcp_connect(sa(vip)).expect("connect from a pod");
+        assert_eq!(read_greeting(&mut s).await.expect("greeting"), "b");
+        let (mut r, mut w) = s.into_split();
+        let send = async {
+            w.write_all(&payload).await.expect("write");
+            w.shutdown().await.expect("half-close");
+        };
+        let receive = async {
+            let mut echoed = Vec::with_capacity(payload.len() + 4);
+            r.read_to_end(&mut echoed).await.expect("read to EOF");
+            echoed
+        };
+        let ((), echoed) = tokio::time::timeout(DEADLINE, async { tokio::join!(send, receive) })
+            .await
+            .unwrap_or_else(|_| panic!("{vip}: transfer did not finish in time"));
+        assert_eq!(echoed.len(), payload.len() + 4, "{vip}: echo + bye");
+        assert!(echoed[..payload.len()] == payload[..], "{vip}: echoed bytes differ");
+        assert_eq!(&echoed[payload.len()..], b"bye\n", "{vip}: the reply after the client's FIN");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_ip_over_udp_reaches_pods() {
     let c = Cluster::new();
