@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::{
     harness::*,
     netns::Netns,
-    node::{Cluster, NODE, hello, names, node_yaml, sa, service_yaml, set, slice_yaml},
+    node::{Cluster, NODE, hello, names, node_yaml, sa, service_yaml, set, slice_yaml, spawn_node},
 };
 
 const WEB: &str = "10.96.0.10:80";
@@ -96,22 +96,7 @@ impl Api {
             dir.write(&format!("{kind}.yaml"), &docs.join("\n---\n"));
         }
         let ns = Netns::new("fresh");
-        let mut cmd = ns.command(env!("CARGO_BIN_EXE_ferry"));
-        cmd.args(["node", "--config"]).arg(dir.path()).args([
-            "--node-name",
-            NODE,
-            "--vip-device",
-            "ferry0",
-            "--admin-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ]);
-        let fresh = Ferry::spawn_command(cmd, Some(&ns.name));
+        let fresh = spawn_node(&ns, &["--config", dir.path().to_str().expect("utf-8 path")], &[]);
         fresh
             .wait_log(DEADLINE, |l| msg(l) == "configuration loaded; serving")
             .expect("fresh ferry never served");

@@ -69,39 +69,45 @@ impl Cluster {
     /// Starts `ferry node` with `source` (`--config DIR` or `--kubeconfig FILE`) in the node
     /// namespace; returns once its admin server listens.
     pub fn spawn(&self, source: &[&str], extra: &[&str]) -> Ferry {
-        let mut cmd = self.node.command(env!("CARGO_BIN_EXE_ferry"));
-        cmd.arg("node").args(source).args([
-            "--node-name",
-            NODE,
-            "--nodeport-addresses",
-            "192.168.100.0/24,fd00:100::/64",
-            "--cluster-cidr",
-            "10.244.0.0/16,fd00:244::/48",
-            "--vip-device",
-            "ferry0",
-            "--admin-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "127.0.0.1:0",
-            "--healthz-bind-address",
-            "0.0.0.0:10256",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info,ferry=debug",
-            "--reload-debounce",
-            "50ms",
-            "--drain-timeout",
-            "2s",
-        ]);
-        cmd.args(extra);
-        Ferry::spawn_command(cmd, Some(&self.node.name))
+        spawn_node(&self.node, source, extra)
     }
 
     /// A TCP backend named `name` on `port` in `pod`.
     pub fn tcp_backend(pod: &Netns, ip: &str, port: u16, name: &'static str) -> TcpBackend {
         TcpBackend::serve(pod.tcp_listener(SocketAddr::new(ip.parse().expect("ip"), port)), name)
     }
+}
+
+/// Starts `ferry node` with `source` (`--config DIR` or `--kubeconfig FILE`) in `ns`, with the
+/// flags of this test network; returns once its admin server listens.
+pub fn spawn_node(ns: &Netns, source: &[&str], extra: &[&str]) -> Ferry {
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_ferry"));
+    cmd.arg("node").args(source).args([
+        "--node-name",
+        NODE,
+        "--nodeport-addresses",
+        "192.168.100.0/24,fd00:100::/64",
+        "--cluster-cidr",
+        "10.244.0.0/16,fd00:244::/48",
+        "--vip-device",
+        "ferry0",
+        "--admin-address",
+        "127.0.0.1:0",
+        "--metrics-bind-address",
+        "127.0.0.1:0",
+        "--healthz-bind-address",
+        "0.0.0.0:10256",
+        "--log-format",
+        "json",
+        "--log-level",
+        "info,ferry=debug",
+        "--reload-debounce",
+        "50ms",
+        "--drain-timeout",
+        "2s",
+    ]);
+    cmd.args(extra);
+    Ferry::spawn_command(cmd, Some(&ns.name))
 }
 
 pub fn node_yaml() -> String {

@@ -103,6 +103,18 @@ fn valid_value(v: &str) -> bool {
     v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Splits an equality requirement (`k=v`, `k==v`, `k!=v`, shared by label and field selectors)
+/// into key, value and whether it is negated.
+fn split_equality(part: &str) -> Option<(&str, &str, bool)> {
+    if let Some((k, v)) = part.split_once("!=") {
+        Some((k, v, true))
+    } else if let Some((k, v)) = part.split_once("==") {
+        Some((k, v, false))
+    } else {
+        part.split_once('=').map(|(k, v)| (k, v, false))
+    }
+}
+
 fn parse_label_req(part: &str) -> Option<LabelReq> {
     if let Some(key) = part.strip_prefix('!') {
         let key = key.trim();
@@ -123,13 +135,7 @@ fn parse_label_req(part: &str) -> Option<LabelReq> {
             _ => None,
         };
     }
-    let (key, value, negated) = if let Some((k, v)) = part.split_once("!=") {
-        (k, v, true)
-    } else if let Some((k, v)) = part.split_once("==") {
-        (k, v, false)
-    } else if let Some((k, v)) = part.split_once('=') {
-        (k, v, false)
-    } else {
+    let Some((key, value, negated)) = split_equality(part) else {
         return valid_key(part).then(|| LabelReq::Exists(part.to_owned()));
     };
     let (key, value) = (key.trim(), value.trim());
@@ -150,13 +156,7 @@ impl FieldSelector {
     pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let mut reqs = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (field, value, negated) = if let Some((k, v)) = part.split_once("!=") {
-                (k, v, true)
-            } else if let Some((k, v)) = part.split_once("==") {
-                (k, v, false)
-            } else if let Some((k, v)) = part.split_once('=') {
-                (k, v, false)
-            } else {
+            let Some((field, value, negated)) = split_equality(part) else {
                 return Err(format!("invalid selector: '{part}'; can't understand '{part}'"));
             };
             let field = match field.trim() {
