@@ -20,9 +20,6 @@
 //! - A direction ends at EOF from its source, after everything read was written; then the
 //!   destination is half-closed (`shutdown(Write)`), except after the second EOF, where the
 //!   caller's `close` sends the FIN. The relay ends when both directions ended.
-//! - When the source's FIN is already known as its last data is read (a response followed by the
-//!   server's close), that data is sent with `MSG_MORE` and the FIN follows in the same segment,
-//!   as HAProxy does; the EOF read is skipped.
 //! - The first read or write error ends the relay with that error, naming the failed side.
 //! - A pipe goes back to the thread's cache only when it is known to be empty.
 
@@ -132,25 +129,7 @@ fn recv(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 
 /// `send(2)` with `MSG_NOSIGNAL` (a closed peer is an `EPIPE` error, not a signal).
 fn send(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    send_with(s, buf, SendFlags::NOSIGNAL)
-}
-
-fn send_with(s: &TcpStream, buf: &[u8], flags: SendFlags) -> io::Result<usize> {
-    rustix::net::send(s, buf, flags).map_err(io::Error::from)
-}
-
-/// Whether the peer of `s` has sent its FIN (tokio saw `EPOLLRDHUP`) and the socket has no error.
-/// Call it right after `poll_read_ready` returned ready: then tokio's readiness future completes
-/// on its first poll from the recorded state, without a system call or queueing a waiter. Its drop
-/// still takes the socket's (uncontended) waiter lock once: tokio exposes the readiness bits only
-/// through that future. That is one lock per message read; the FIN it finds saves a packet, an ACK
-/// and a read per connection.
-fn peer_closed(s: &TcpStream) -> bool {
-    let ready = pin!(s.ready(Interest::READABLE | Interest::ERROR));
-    matches!(
-        ready.poll(&mut Context::from_waker(Waker::noop())),
-        Poll::Ready(Ok(r)) if r.is_read_closed() && !r.is_error()
-    )
+    rustix::net::send(s, buf, SendFlags::NOSIGNAL).map_err(io::Error::from)
 }
 
 /// Half-closes `s` (FIN after the queued bytes); failure means the peer is gone already.
@@ -176,8 +155,6 @@ struct Half {
     written: usize,
     /// The last read filled the scratch buffer (bulk data).
     bulk: bool,
-    /// The source's FIN came right behind the last data read: end once `rest` is written.
-    eof: bool,
     zero_copy: bool,
     /// Set once the direction switched to `splice`.
     #[cfg(target_os = "linux")]
@@ -192,7 +169,6 @@ impl Half {
             rest: Vec::new(),
             written: 0,
             bulk: false,
-            eof: false,
             zero_copy,
             #[cfg(target_os = "linux")]
             splice: None,
@@ -234,11 +210,6 @@ impl Half {
                 self.rest.clear();
                 self.written = 0;
             }
-            if self.eof {
-                end(to, last);
-                self.done = true;
-                return Poll::Ready(Ok(()));
-            }
             #[cfg(target_os = "linux")]
             if self.bulk && self.zero_copy {
                 match crate::sys::Pipe::take() {
@@ -252,7 +223,6 @@ impl Half {
             }
 
             ready!(from.poll_read_ready(cx)).map_err(Fail::Read)?;
-            let closed = peer_closed(from);
             // A read shorter than the buffer almost always drained the socket. Telling tokio so
             // (the closure reports WouldBlock after keeping the bytes) saves the read that would
             // only return EAGAIN: one system call per message. If the peer's FIN came with the
@@ -277,18 +247,12 @@ impl Half {
                 Err(e) if transient(&e) => continue,
                 Err(e) => return Poll::Ready(Err(Fail::Read(e))),
             };
-            // A short read after the peer's FIN drained the last data: the EOF read can be
-            // skipped, and `MSG_MORE` holds the data back for the FIN that `end` sends next, so
-            // both leave in one segment (one packet and one ACK less per connection).
-            self.eof = closed && n < SCRATCH_LEN;
-            let flags = if self.eof { SendFlags::NOSIGNAL | SendFlags::MORE } else { SendFlags::NOSIGNAL };
-            let written = match SCRATCH
-                .with_borrow(|buf| to.try_io(Interest::WRITABLE, || send_with(to, &buf[..n], flags)))
-            {
-                Ok(m) => m,
-                Err(e) if transient(&e) => 0,
-                Err(e) => return Poll::Ready(Err(Fail::Write(e))),
-            };
+            let written =
+                match SCRATCH.with_borrow(|buf| to.try_io(Interest::WRITABLE, || send(to, &buf[..n]))) {
+                    Ok(m) => m,
+                    Err(e) if transient(&e) => 0,
+                    Err(e) => return Poll::Ready(Err(Fail::Write(e))),
+                };
             if written < n {
                 SCRATCH.with_borrow(|buf| self.rest.extend_from_slice(&buf[written..n]));
             }
