@@ -7,7 +7,8 @@
 //! - [`Manager`]: binds/updates/closes listeners as snapshots change ([`manager`]).
 //! - [`tcp::serve`] / [`udp::serve`]: one already-bound socket and its [`ListenerState`]
 //!   (mini-redis style: tests bind `127.0.0.1:0` themselves).
-//! - `sys`: the only unsafe code (`splice(2)`).
+//! - `sys`: the only unsafe code (`splice(2)`, `IP_PKTINFO`, registering std sockets with the
+//!   reactor).
 
 pub mod error;
 pub mod health;

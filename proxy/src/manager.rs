@@ -45,10 +45,7 @@ use ferry_model::{Endpoint, Frontend, FrontendKey, Protocol, ServicePort, Snapsh
 use imbl::ordmap::DiffItem;
 use ipnet::IpNet;
 use socket2::{Domain, Socket, Type};
-use tokio::{
-    net::{TcpListener, UdpSocket},
-    sync::watch,
-};
+use tokio::{net::UdpSocket, sync::watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -490,7 +487,7 @@ impl Manager {
             Protocol::Udp => UdpSocket::from_std(socket.into()).map(|s| {
                 state.tasks.spawn(udp::serve(s, state.clone(), self.config.max_udp_flows, stop.clone()))
             }),
-            _ => TcpListener::from_std(socket.into()).map(|l| {
+            _ => tcp::listener(socket).map(|l| {
                 self.tick.get_or_init(|| tokio_util::task::AbortOnDropHandle::new(tokio::spawn(tick())));
                 state.tasks.spawn(tcp::serve(l, state.clone(), stop.clone()))
             }),

@@ -1,5 +1,6 @@
 //! The only `unsafe` in the crate: `pipe2(2)` and `splice(2)` for zero-copy TCP relaying (Linux),
-//! `IP_PKTINFO` for UDP replies, and the file-descriptor limit.
+//! `IP_PKTINFO` for UDP replies, the file-descriptor limit, and registering owned sockets with the
+//! runtime's reactor ([`register`]).
 //!
 //! A [`Pipe`] is a non-blocking kernel pipe owned by one relay direction at a time. Pipes are
 //! reused through a small per-thread cache ([`Pipe::take`] / [`Pipe::give_back`]): a pipe goes back
@@ -307,4 +308,16 @@ pub(crate) fn raise_nofile_limit() -> io::Result<(u64, u64)> {
         }
     }
     Ok((old, lim.rlim_cur))
+}
+
+/// Registers `io` (a non-blocking socket that owns its descriptor) with the runtime's reactor, for
+/// read and write readiness. Must be called on a runtime thread.
+///
+/// Ferry's TCP relay uses [`AsyncFd`](tokio::io::unix::AsyncFd) over std sockets rather than
+/// tokio's `TcpStream` because its readiness guard shows whether the peer's FIN has arrived
+/// without a second poll (see `tcp::relay`).
+pub(crate) fn register<T: AsRawFd>(io: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `T` owns its descriptor (a std socket), so it stays open and the same until the
+    // `AsyncFd` that owns `io` is dropped, which deregisters it before the descriptor closes.
+    unsafe { tokio::io::unix::AsyncFd::register(io) }.map_err(|e| e.into_parts().1)
 }

@@ -20,13 +20,17 @@
 //! - With `proxy_protocol` on the port, a PROXY protocol v2 header (client address, frontend
 //!   address) is written to the endpoint before any client byte.
 //!
-//! The bytes themselves move in [`relay`] (copy for small messages, `splice(2)` for bulk).
+//! The bytes themselves move in [`relay`] (copy for small messages, `splice(2)` for bulk); the
+//! sockets are std sockets registered with the reactor ([`stream`]).
 
 mod relay;
+mod stream;
 
 use relay::Outcome;
+pub use stream::{Listener, Stream, listener};
 
 use std::{
+    future::poll_fn,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
@@ -34,10 +38,6 @@ use std::{
 };
 
 use socket2::SockRef;
-use tokio::{
-    io::Interest,
-    net::{TcpListener, TcpStream},
-};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -54,16 +54,18 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Accepts clients on `listener` until `stop` is cancelled, proxying each to an endpoint of
 /// `state`'s current pool. Connections are spawned on `state.tasks()` and outlive the loop; they
 /// end by themselves, or when `state.drain_token()` (or their endpoint's drain) is cancelled.
-pub async fn serve(listener: TcpListener, state: Arc<ListenerState>, stop: CancellationToken) {
-    let local =
-        listener.local_addr().unwrap_or_else(|_| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
+pub async fn serve(listener: Listener, state: Arc<ListenerState>, stop: CancellationToken) {
+    let local = listener
+        .get_ref()
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
     tracing::debug!(listener = %state.name(), %local, "accepting");
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            r = listener.accept() => r,
+            r = poll_fn(|cx| stream::poll_accept(&listener, cx)) => r,
         };
         match accepted {
             Ok((client, peer)) => {
@@ -106,7 +108,7 @@ impl Drop for Active<'_> {
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) {
+async fn handle(client: Stream, peer: SocketAddr, state: Arc<ListenerState>) {
     state.opened();
     let _active = Active(&state);
     // TCP_NODELAY is inherited from the listening socket (see `manager::bind`).
@@ -155,7 +157,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
     let drain = upstreams.drain_token(lease.addr()).unwrap_or(state.drain_token()).clone();
     // Do not keep the whole pool alive for the connection's lifetime.
     drop(upstreams);
-    tune(&server);
     tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), "connected");
 
     if proxy_protocol && let Err(error) = send_proxy_header(&client, peer, &server).await {
@@ -187,40 +188,21 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<ListenerState>) 
 /// Connects to `addr`; from `source`'s IP (`IP_TRANSPARENT`, kernel-chosen port) when given and
 /// of the same family. If the transparent socket cannot be set up (no `CAP_NET_ADMIN`), the
 /// connection is made from a local address instead and a warning is logged.
-async fn connect(
-    addr: SocketAddr,
-    source: Option<SocketAddr>,
-    state: &ListenerState,
-) -> io::Result<TcpStream> {
-    let Some(source) = source.filter(|s| s.is_ipv4() == addr.is_ipv4()) else {
-        return TcpStream::connect(addr).await;
-    };
-    match transparent_socket(SocketAddr::new(source.ip(), 0)) {
-        Ok(socket) => socket.connect(addr).await,
-        Err(error) => {
-            tracing::warn!(listener = %state.name(), client = %source, %error, "transparent upstream socket failed; connecting from a local address");
-            TcpStream::connect(addr).await
+async fn connect(addr: SocketAddr, source: Option<SocketAddr>, state: &ListenerState) -> io::Result<Stream> {
+    let from = source.map(|s| s.ip()).filter(|ip| ip.is_ipv4() == addr.is_ipv4());
+    let socket = match (stream::socket(addr, from), source) {
+        (Err(error), Some(client)) if from.is_some() => {
+            tracing::warn!(listener = %state.name(), %client, %error, "transparent upstream socket failed; connecting from a local address");
+            stream::socket(addr, None)?
         }
-    }
-}
-
-/// A TCP socket bound to the (possibly non-local) address `from` with `IP_TRANSPARENT`.
-fn transparent_socket(from: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(from), socket2::Type::STREAM, None)?;
-    #[cfg(target_os = "linux")]
-    if from.is_ipv4() {
-        socket.set_ip_transparent_v4(true)?;
-    } else {
-        socket.set_ip_transparent_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&from.into())?;
-    Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+        (socket, _) => socket?,
+    };
+    stream::connect(socket, addr).await
 }
 
 /// The current upstreams once they route `peer` to a pool; `None` when the connection was
 /// dropped and has been closed (see the module docs: hold, then FIN).
-async fn routed(client: &TcpStream, peer: SocketAddr, state: &ListenerState) -> Option<Arc<Upstreams>> {
+async fn routed(client: &Stream, peer: SocketAddr, state: &ListenerState) -> Option<Arc<Upstreams>> {
     let upstreams = state.upstreams();
     if matches!(upstreams.route(peer.ip()), Route::Pool(_)) {
         return Some(upstreams);
@@ -260,11 +242,12 @@ async fn routed(client: &TcpStream, peer: SocketAddr, state: &ListenerState) -> 
 /// Waits for a readiness event on `client` without reading: `true` when the client closed or
 /// reset, `false` when it only sent data (which stays queued; readiness is cleared so the next
 /// call waits for a new event).
-async fn client_gone(client: &TcpStream) -> bool {
-    match client.ready(Interest::READABLE).await {
-        Ok(r) if r.is_read_closed() || r.is_error() => true,
-        Ok(_) => {
-            let _ = client.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+async fn client_gone(client: &Stream) -> bool {
+    match poll_fn(|cx| client.poll_read_ready(cx)).await {
+        // A FIN or a reset (epoll's HUP counts as read-closed too).
+        Ok(ready) if ready.ready().is_read_closed() => true,
+        Ok(mut ready) => {
+            ready.clear_ready();
             false
         }
         Err(_) => true,
@@ -273,11 +256,11 @@ async fn client_gone(client: &TcpStream) -> bool {
 
 /// Closes `client` with FIN, not RST: Linux answers a close with unread data by RST, so the
 /// queued bytes are read and discarded first (bounded: at most 64 reads).
-fn close_quietly(client: &TcpStream) {
+fn close_quietly(client: &Stream) {
     let mut buf = [0u8; 4096];
     for _ in 0..64 {
-        match client.try_read(&mut buf) {
-            Ok(0) | Err(_) => break,
+        match rustix::net::recv(client, &mut buf, rustix::net::RecvFlags::empty()) {
+            Ok((0, _)) | Err(_) => break,
             Ok(_) => {}
         }
     }
@@ -285,20 +268,15 @@ fn close_quietly(client: &TcpStream) {
 }
 
 /// Writes the PROXY protocol v2 header for `client` (from `peer`) to `server`.
-async fn send_proxy_header(client: &TcpStream, peer: SocketAddr, server: &TcpStream) -> io::Result<()> {
-    let local = client.local_addr()?;
+async fn send_proxy_header(client: &Stream, peer: SocketAddr, server: &Stream) -> io::Result<()> {
+    let local = client.get_ref().local_addr()?;
     let mut buf = [0u8; proxy_protocol::MAX_LEN];
     let n = proxy_protocol::encode_v2(peer, local, &mut buf);
     relay::write_all(server, &buf[..n]).await
 }
 
-/// TCP_NODELAY (small writes go out at once, as the client sent them); failure only costs latency.
-fn tune(s: &TcpStream) {
-    let _ = s.set_nodelay(true);
-}
-
 /// Arranges for the socket to be closed with RST when it is dropped.
-fn reset(s: &TcpStream) {
+fn reset(s: &Stream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
@@ -312,10 +290,35 @@ mod tests {
         let socket =
             crate::manager::bind(ferry_model::Protocol::Tcp, "127.0.0.1:0".parse().expect("addr"), false)
                 .expect("bind");
-        let listener = TcpListener::from_std(socket.into()).expect("listener");
-        let addr = listener.local_addr().expect("addr");
-        let _client = TcpStream::connect(addr).await.expect("connect");
-        let (accepted, _) = listener.accept().await.expect("accept");
-        assert!(accepted.nodelay().expect("nodelay"));
+        let listener = listener(socket).expect("listener");
+        let addr = listener.get_ref().local_addr().expect("addr");
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (accepted, peer) = poll_fn(|cx| stream::poll_accept(&listener, cx)).await.expect("accept");
+        assert_eq!(peer, client.local_addr().expect("client addr"));
+        assert!(accepted.get_ref().nodelay().expect("nodelay"));
+    }
+
+    /// A connect to a closed port fails with the kernel's reason, read only after the hang-up.
+    #[tokio::test]
+    async fn connect_reports_refusal() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = closed.local_addr().expect("addr");
+        drop(closed);
+        let socket = stream::socket(addr, None).expect("socket");
+        let error = stream::connect(socket, addr).await.expect_err("refused");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    /// A successful connect gives a writable stream with TCP_NODELAY set.
+    #[tokio::test]
+    async fn connect_sets_nodelay() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let socket = stream::socket(addr, None).expect("socket");
+        let (connected, accepted) = tokio::join!(stream::connect(socket, addr), server.accept());
+        let connected = connected.expect("connected");
+        let (_accepted, peer) = accepted.expect("accepted");
+        assert_eq!(connected.get_ref().local_addr().expect("local"), peer);
+        assert!(connected.get_ref().nodelay().expect("nodelay"));
     }
 }

@@ -20,6 +20,12 @@
 //! - A direction ends at EOF from its source, after everything read was written; then the
 //!   destination is half-closed (`shutdown(Write)`), except after the second EOF, where the
 //!   caller's `close` sends the FIN. The relay ends when both directions ended.
+//! - When the source's FIN is already known as its last data is read (a response followed by the
+//!   server's close: epoll reported `EPOLLRDHUP` before the read, and the read did not fill the
+//!   buffer), that data is sent with `MSG_MORE` and the direction ends at once: the FIN leaves in
+//!   the same segment, as HAProxy's does, and the read that would only return EOF is skipped. A
+//!   source that was reset (epoll's `HUP` on its still-open write side) takes the usual path, so
+//!   the reset is reported, not turned into a FIN.
 //! - The first read or write error ends the relay with that error, naming the failed side.
 //! - A pipe goes back to the thread's cache only when it is known to be empty.
 
@@ -32,9 +38,10 @@ use std::{
 
 use rustix::net::SendFlags;
 use socket2::SockRef;
-use tokio::{io::Interest, net::TcpStream};
+use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 
+use super::Stream;
 use crate::error::Error;
 
 /// How a relay ended.
@@ -51,8 +58,8 @@ pub(super) enum Outcome {
 /// `rx`/`tx` count bytes from and to the client as they move. After [`Outcome::Closed`] the
 /// caller must close both sockets: that close is the FIN of the direction that ended last.
 pub(super) async fn relay(
-    client: &TcpStream,
-    server: &TcpStream,
+    client: &Stream,
+    server: &Stream,
     rx: &metrics::Counter,
     tx: &metrics::Counter,
     zero_copy: bool,
@@ -123,24 +130,44 @@ fn transient(e: &io::Error) -> bool {
 }
 
 /// `recv(2)` without flags, as a direct system call.
-fn recv(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+fn recv(s: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     rustix::net::recv(s, buf, rustix::net::RecvFlags::empty()).map(|(n, _)| n).map_err(io::Error::from)
 }
 
-/// `send(2)` with `MSG_NOSIGNAL` (a closed peer is an `EPIPE` error, not a signal).
-fn send(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    rustix::net::send(s, buf, SendFlags::NOSIGNAL).map_err(io::Error::from)
+/// `send(2)` with `MSG_NOSIGNAL` (a closed peer is an `EPIPE` error, not a signal), and `MSG_MORE`
+/// when `more` (hold the bytes for the FIN that follows at once).
+fn send(s: &std::net::TcpStream, buf: &[u8], more: bool) -> io::Result<usize> {
+    let flags = if more { SendFlags::NOSIGNAL | SendFlags::MORE } else { SendFlags::NOSIGNAL };
+    rustix::net::send(s, buf, flags).map_err(io::Error::from)
+}
+
+/// Waits until `s` is writable.
+fn poll_writable(s: &Stream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    s.poll_write_ready(cx).map_ok(drop)
+}
+
+/// Waits until `s` is readable; `Ready(Ok(true))` when its peer's FIN has arrived as well (or
+/// the connection was reset: epoll's `HUP` counts as read-closed too).
+fn poll_readable(s: &Stream, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+    s.poll_read_ready(cx).map_ok(|ready| ready.ready().is_read_closed())
+}
+
+/// Whether epoll reported `HUP` or an error on `s`, seen from its write side: a reset, when this
+/// side was never shut down. Polled with the relay task's own waker, so a `Pending` only stores
+/// the waker the other direction would store anyway.
+fn hung_up(s: &Stream, cx: &mut Context<'_>) -> bool {
+    matches!(s.poll_write_ready(cx), Poll::Ready(Ok(ready)) if ready.ready().is_write_closed())
 }
 
 /// Half-closes `s` (FIN after the queued bytes); failure means the peer is gone already.
-pub(super) fn half_close(s: &TcpStream) {
+pub(super) fn half_close(s: &Stream) {
     let _ = SockRef::from(s).shutdown(std::net::Shutdown::Write);
 }
 
 /// Passes a direction's EOF on: `shutdown(Write)` on `to`, unless this was the `last` direction.
 /// Then the relay is over and both sockets are about to be closed: `close` sends the FIN itself
 /// (every byte was read, so it is never an RST), which saves a system call per connection.
-fn end(to: &TcpStream, last: bool) {
+fn end(to: &Stream, last: bool) {
     if !last {
         half_close(to);
     }
@@ -155,6 +182,8 @@ struct Half {
     written: usize,
     /// The last read filled the scratch buffer (bulk data).
     bulk: bool,
+    /// The source's FIN came right behind the last data read: end once `rest` is written.
+    eof: bool,
     zero_copy: bool,
     /// Set once the direction switched to `splice`.
     #[cfg(target_os = "linux")]
@@ -169,6 +198,7 @@ impl Half {
             rest: Vec::new(),
             written: 0,
             bulk: false,
+            eof: false,
             zero_copy,
             #[cfg(target_os = "linux")]
             splice: None,
@@ -181,8 +211,8 @@ impl Half {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
+        from: &Stream,
+        to: &Stream,
         bytes: &metrics::Counter,
         last: bool,
     ) -> Poll<Result<(), Fail>> {
@@ -199,8 +229,8 @@ impl Half {
         loop {
             // Finish a blocked write before reading more.
             while self.written < self.rest.len() {
-                ready!(to.poll_write_ready(cx)).map_err(Fail::Write)?;
-                match to.try_io(Interest::WRITABLE, || send(to, &self.rest[self.written..])) {
+                ready!(poll_writable(to, cx)).map_err(Fail::Write)?;
+                match to.try_io(Interest::WRITABLE, |s| send(s, &self.rest[self.written..], false)) {
                     Ok(m) => self.written += m,
                     Err(e) if transient(&e) => {}
                     Err(e) => return Poll::Ready(Err(Fail::Write(e))),
@@ -209,6 +239,11 @@ impl Half {
             if !self.rest.is_empty() {
                 self.rest.clear();
                 self.written = 0;
+            }
+            if self.eof {
+                end(to, last);
+                self.done = true;
+                return Poll::Ready(Ok(()));
             }
             #[cfg(target_os = "linux")]
             if self.bulk && self.zero_copy {
@@ -222,7 +257,7 @@ impl Half {
                 }
             }
 
-            ready!(from.poll_read_ready(cx)).map_err(Fail::Read)?;
+            let closed = ready!(poll_readable(from, cx)).map_err(Fail::Read)?;
             // A read shorter than the buffer almost always drained the socket. Telling tokio so
             // (the closure reports WouldBlock after keeping the bytes) saves the read that would
             // only return EAGAIN: one system call per message. If the peer's FIN came with the
@@ -231,8 +266,8 @@ impl Half {
             // data is safe too: tokio only clears readiness if no new event arrived since.
             let mut got = 0;
             let read = SCRATCH.with_borrow_mut(|buf| {
-                from.try_io(Interest::READABLE, || {
-                    got = recv(from, buf)?;
+                from.try_io(Interest::READABLE, |s| {
+                    got = recv(s, buf)?;
                     if got > 0 && got < buf.len() { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(got) }
                 })
             });
@@ -247,12 +282,19 @@ impl Half {
                 Err(e) if transient(&e) => continue,
                 Err(e) => return Poll::Ready(Err(Fail::Read(e))),
             };
-            let written =
-                match SCRATCH.with_borrow(|buf| to.try_io(Interest::WRITABLE, || send(to, &buf[..n]))) {
-                    Ok(m) => m,
-                    Err(e) if transient(&e) => 0,
-                    Err(e) => return Poll::Ready(Err(Fail::Write(e))),
-                };
+            // A short read after the peer's FIN drained the last data: skip the EOF read, and let
+            // `MSG_MORE` hold the data for the FIN that `end` sends next, so both leave in one
+            // segment (one packet and one ACK less per connection). Not while the other direction
+            // is still open and the source was reset instead (see the module docs); once it has
+            // ended, `from` is shut down for writing and the usual EOF read decides.
+            self.eof = closed && n < SCRATCH_LEN && !last && !hung_up(from, cx);
+            let written = match SCRATCH
+                .with_borrow(|buf| to.try_io(Interest::WRITABLE, |s| send(s, &buf[..n], self.eof)))
+            {
+                Ok(m) => m,
+                Err(e) if transient(&e) => 0,
+                Err(e) => return Poll::Ready(Err(Fail::Write(e))),
+            };
             if written < n {
                 SCRATCH.with_borrow(|buf| self.rest.extend_from_slice(&buf[written..n]));
             }
@@ -279,8 +321,8 @@ impl Splice {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
+        from: &Stream,
+        to: &Stream,
         total: &mut u64,
         bytes: &metrics::Counter,
     ) -> Poll<Result<(), Fail>> {
@@ -298,7 +340,7 @@ impl Splice {
                 // the readiness must be left alone.
                 let len = (cap - self.in_pipe).min(1 << 16);
                 let filled = if self.in_pipe == 0 {
-                    from.try_io(Interest::READABLE, || self.pipe.fill_from(rfd, len))
+                    from.try_io(Interest::READABLE, |_| self.pipe.fill_from(rfd, len))
                 } else {
                     self.pipe.fill_from(rfd, len)
                 };
@@ -313,7 +355,7 @@ impl Splice {
                 }
             }
             if self.in_pipe > 0 {
-                match to.try_io(Interest::WRITABLE, || self.pipe.drain_to(wfd, self.in_pipe)) {
+                match to.try_io(Interest::WRITABLE, |_| self.pipe.drain_to(wfd, self.in_pipe)) {
                     Ok(m) => {
                         self.in_pipe -= m;
                         *total += m as u64;
@@ -329,9 +371,9 @@ impl Splice {
             }
             if !progress {
                 if self.in_pipe == 0 {
-                    ready!(from.poll_read_ready(cx)).map_err(Fail::Read)?;
+                    ready!(poll_readable(from, cx)).map_err(Fail::Read)?;
                 } else {
-                    ready!(to.poll_write_ready(cx)).map_err(Fail::Write)?;
+                    ready!(poll_writable(to, cx)).map_err(Fail::Write)?;
                 }
             }
         }
@@ -351,10 +393,10 @@ impl Drop for Half {
 }
 
 /// Writes all of `buf` to `to` (used before the relay starts, e.g. for a PROXY protocol header).
-pub(super) async fn write_all(to: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+pub(super) async fn write_all(to: &Stream, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        to.writable().await?;
-        match to.try_io(Interest::WRITABLE, || send(to, buf)) {
+        poll_fn(|cx| poll_writable(to, cx)).await?;
+        match to.try_io(Interest::WRITABLE, |s| send(s, buf, false)) {
             Ok(m) => buf = &buf[m..],
             Err(e) if transient(&e) => {}
             Err(e) => return Err(e),
@@ -369,20 +411,21 @@ mod tests {
 
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
+        net::{TcpListener, TcpStream},
     };
 
     use super::*;
 
     /// Two connected pairs: (client, proxy's client side) and (proxy's server side, server).
-    async fn pairs() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+    async fn pairs() -> (TcpStream, Stream, Stream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let client = TcpStream::connect(addr).await.expect("connect");
         let (pc, _) = l.accept().await.expect("accept");
         let ps = TcpStream::connect(addr).await.expect("connect");
         let (server, _) = l.accept().await.expect("accept");
-        (client, pc, ps, server)
+        let register = |s: TcpStream| crate::sys::register(s.into_std().expect("std")).expect("register");
+        (client, register(pc), register(ps), server)
     }
 
     fn payload(size: usize) -> Vec<u8> {
@@ -469,6 +512,79 @@ mod tests {
         .await
         .expect("in time");
         assert!(matches!(outcome, Outcome::Closed(..)), "both ends closed with FIN");
+    }
+
+    /// The server answers and closes while the client's side is still open (a `Connection:
+    /// close` response): the client gets the whole answer, then EOF, and can still half-close.
+    /// When the FIN arrived with the data, this is the path that sends both in one segment.
+    #[tokio::test]
+    async fn server_closes_first() {
+        for size in [1, 1000, 100_000] {
+            let (mut client, pc, ps, mut server) = pairs().await;
+            let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
+            let drain = CancellationToken::new();
+            let answer = payload(size);
+            let ends = async {
+                client.write_all(b"request").await.expect("request");
+                let mut got = [0; 7];
+                server.read_exact(&mut got).await.expect("server reads the request");
+                server.write_all(&answer).await.expect("answer");
+                server.shutdown().await.expect("server closes");
+                let mut back = Vec::new();
+                client.read_to_end(&mut back).await.expect("client reads to EOF");
+                client.shutdown().await.expect("client closes");
+                let mut rest = Vec::new();
+                server.read_to_end(&mut rest).await.expect("server sees the client's FIN");
+                (back, rest)
+            };
+            let relay = async move {
+                let outcome = relay(&pc, &ps, &rx, &tx, false, &drain).await;
+                drop((pc, ps));
+                outcome
+            };
+            let (outcome, (back, rest)) =
+                tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, ends) })
+                    .await
+                    .expect("in time");
+            assert!(back == answer, "the answer of {size} bytes arrived intact");
+            assert!(rest.is_empty());
+            assert!(matches!(outcome, Outcome::Closed(7, n) if n == size as u64));
+        }
+    }
+
+    /// A server that resets after sending data: the client gets the data and then a reset, never
+    /// a clean EOF, even when the reset is already known as the data is read.
+    #[tokio::test]
+    async fn server_reset_after_data_reaches_the_client_as_a_reset() {
+        let (mut client, pc, ps, server) = pairs().await;
+        let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
+        let drain = CancellationToken::new();
+        let mut server = server;
+        server.write_all(b"partial").await.expect("write");
+        SockRef::from(&server).set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(server);
+        let relay = async move {
+            let outcome = relay(&pc, &ps, &rx, &tx, false, &drain).await;
+            // As `handle` does after an upstream failure.
+            if matches!(outcome, Outcome::Failed(Error::Upstream(_))) {
+                SockRef::from(&pc).set_linger(Some(Duration::ZERO)).expect("linger");
+            }
+            drop((pc, ps));
+            outcome
+        };
+        let read = async {
+            let mut got = Vec::new();
+            let end = client.read_to_end(&mut got).await;
+            (got, end)
+        };
+        let (outcome, (got, end)) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, read) })
+                .await
+                .expect("in time");
+        assert!(matches!(outcome, Outcome::Failed(Error::Upstream(_))), "upstream failure");
+        let end = end.expect_err("a reset, not EOF");
+        assert_eq!(end.kind(), io::ErrorKind::ConnectionReset);
+        assert!(got.is_empty() || got == b"partial", "no other bytes: {got:?}");
     }
 
     /// Cancelling the drain token ends the relay while both directions are still open.
