@@ -1,8 +1,9 @@
 //! [`FileSource`]: a directory of manifests as the source of the desired state.
 //!
 //! The source owns the [`Index`] and the [`Publisher`]. It loads the directory once (that load must
-//! succeed: it is the initial sync), then reloads when the directory changes (a `notify` watch on
-//! the directory itself, debounced) or when [`ReloadHandle::reload`] is called (SIGHUP). A reload
+//! succeed: it is the initial sync), then reloads when the directory changes (an inotify watch on
+//! the directory itself, read on the runtime, debounced) or when [`ReloadHandle::reload`] is called
+//! (SIGHUP). A reload
 //! that finds any problem changes nothing: the index and the published snapshot stay at the last
 //! good load. A good reload applies new and changed objects and deletes missing ones; an identical
 //! reload publishes nothing.
@@ -19,10 +20,6 @@ use std::{
 };
 
 use ferry_model::{Index, NodeInfo, NodeStatus, ServiceKey};
-use notify::{
-    EventKind, RecursiveMode, Watcher,
-    event::{AccessKind, AccessMode},
-};
 use tokio::{
     sync::{Notify, watch},
     task::JoinSet,
@@ -192,27 +189,58 @@ impl FileSource {
     }
 }
 
-/// Watches `dir` (not recursively) and signals `events` on anything but reads. Without a watcher
-/// (e.g. inotify limits), reloads still happen through [`ReloadHandle::reload`].
-fn watch_dir(dir: &Path, events: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
-    let handler = move |res: notify::Result<notify::Event>| match res {
-        // Reads (including our own) are not changes; a close after writing is.
-        Ok(ev) if matches!(ev.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) => {}
-        Ok(_) => events.notify_one(),
-        Err(error) => {
-            tracing::warn!(%error, "file watch error; reloading");
-            events.notify_one();
-        }
-    };
-    let watched = notify::recommended_watcher(handler)
-        .and_then(|mut w| w.watch(dir, RecursiveMode::NonRecursive).map(|()| w));
-    match watched {
-        Ok(w) => Some(w),
+/// Watches `dir` (not recursively) and signals `events` on every change in it; the returned task
+/// reads the watch until it is dropped. Without a watcher (e.g. inotify limits), reloads still
+/// happen through [`ReloadHandle::reload`].
+///
+/// The watch is an inotify descriptor on the runtime's reactor, not a watcher thread: with
+/// `--worker-threads 1` the process stays single-threaded, which spares the kernel a file
+/// reference count on every system call of the data plane (benches/README.md, node-compare).
+#[cfg(target_os = "linux")]
+fn watch_dir(dir: &Path, events: Arc<Notify>) -> Option<tokio_util::task::AbortOnDropHandle<()>> {
+    use futures::StreamExt as _;
+    use inotify::{Inotify, WatchMask};
+
+    // Changes only: creating, writing, renaming, removing or re-permissioning a file, and the
+    // directory itself going away. Reads (including our own) raise nothing.
+    let mask = WatchMask::CREATE
+        | WatchMask::MODIFY
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::ATTRIB
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::DELETE
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF;
+    let watched = Inotify::init().and_then(|inotify| {
+        inotify.watches().add(dir, mask)?;
+        inotify.into_event_stream(vec![0u8; 4096])
+    });
+    let mut stream = match watched {
+        Ok(stream) => stream,
         Err(error) => {
             tracing::error!(dir = %dir.display(), %error, "cannot watch manifest directory; reload with SIGHUP");
-            None
+            return None;
         }
-    }
+    };
+    let dir = dir.to_path_buf();
+    Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        // Every event is a change (or a queue overflow, which may hide one): reload.
+        while let Some(event) = stream.next().await {
+            events.notify_one();
+            if let Err(error) = event {
+                tracing::error!(dir = %dir.display(), %error, "file watch failed; reload with SIGHUP");
+                return;
+            }
+        }
+    })))
+}
+
+/// No file watch off Linux: reloads happen through [`ReloadHandle::reload`] (SIGHUP).
+#[cfg(not(target_os = "linux"))]
+fn watch_dir(dir: &Path, _events: Arc<Notify>) -> Option<()> {
+    tracing::warn!(dir = %dir.display(), "no file watch on this platform; reload with SIGHUP");
+    None
 }
 
 /// Waits until `events` has been quiet for `quiet`, or `max(quiet, MAX_DEBOUNCE)` has passed.
