@@ -939,18 +939,21 @@ report() {
           row(s " (iperf3), Gbit/s ↑", t, "value", "%.2f", 1)
           row(s ": node CPU per GB, ms ↓", t, "node", "%.0f", -1)
           row(s ": proxy process CPU per GB, ms ↓", t, "proxy", "%.0f", -1)
+          row(s ": machine CPU per GB (load + node), ms ↓", t, "mach", "%.0f", -1)
           row(s ": node CPU busy, %", t, "nodepct", "%.0f", 0)
         } else if (t == "ka") {
           row("HTTP keep-alive (wrk -c64), req/s ↑", t, "value", "%.0f", 1)
           row("keep-alive: p99 latency, ms ↓", t, "p99", "%.2f", -1)
           row("keep-alive: node CPU per request, µs ↓", t, "node", "%.1f", -1)
           row("keep-alive: proxy process CPU per request, µs ↓", t, "proxy", "%.1f", -1)
+          row("keep-alive: machine CPU per request (load + node), µs ↓", t, "mach", "%.1f", -1)
           row("keep-alive: node CPU busy, %", t, "nodepct", "%.0f", 0)
         } else if (t == "close") {
           row("new connections (wrk -c64, Connection: close), conn/s ↑", t, "value", "%.0f", 1)
           row("close: p99 latency, ms ↓", t, "p99", "%.2f", -1)
           row("close: node CPU per connection, µs ↓", t, "node", "%.1f", -1)
           row("close: proxy process CPU per connection, µs ↓", t, "proxy", "%.1f", -1)
+          row("close: machine CPU per connection (load + node), µs ↓", t, "mach", "%.1f", -1)
           row("close: node CPU busy, %", t, "nodepct", "%.0f", 0)
         }
         foreign(t)
@@ -999,7 +1002,9 @@ git_dirty=$(git -C "$REPO" status --porcelain 2>/dev/null | wc -l)
   echo
   echo "↑ higher is better, ↓ lower is better. Node CPU = busy time of CPU$CPU_NODE (user+system+irq+softirq,"
   echo "/proc/stat) during the cell: forwarding and NAT for the kernel path, the proxy and its socket work for"
-  echo "the proxies. Proxy process CPU = utime+stime of the proxy's processes. Per-unit figures divide by bytes"
+  echo "the proxies. Proxy process CPU = utime+stime of the proxy's processes. Machine CPU = busy time of both"
+  echo "CPUs (load tools, backends and node together: what a node running client, proxy and server pods pays)."
+  echo "Per-unit figures divide by bytes"
   echo "received by iperf3 or completed requests (= connections in the close test). Ratios are ferry ÷ peer;"
   echo "the last column says whether ferry is at least as good as both HAProxy and nginx (no noise margin)."
   echo "Foreign = CPU of processes outside this run (% of the machine) and packets received in other network"

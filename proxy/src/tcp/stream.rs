@@ -6,7 +6,8 @@
 //! cost (tokio's `TcpStream` only exposes that through a readiness future whose drop takes the
 //! socket's lock), and a connect is known to have succeeded from its write readiness alone.
 //!
-//! Each socket costs the same system calls as tokio's own: one `accept4` or `socket` + `connect`
+//! Each socket costs the system calls tokio's own does, less the `getsockopt(SO_ERROR)` after a
+//! successful connect: one `accept4`, or `socket` + `setsockopt(TCP_NODELAY)` + `connect`
 //! (non-blocking and close-on-exec from the start), one `epoll_ctl(ADD)`, and on drop one
 //! `epoll_ctl(DEL)` and the `close`.
 
