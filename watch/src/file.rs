@@ -3,9 +3,8 @@
 //! The source owns the [`Index`] and the [`Publisher`]. It loads the directory once (that load must
 //! succeed: it is the initial sync), then reloads when the directory changes (an inotify watch on
 //! the directory itself, read on the runtime, debounced) or when [`ReloadHandle::reload`] is called
-//! (SIGHUP). A reload
-//! that finds any problem changes nothing: the index and the published snapshot stay at the last
-//! good load. A good reload applies new and changed objects and deletes missing ones; an identical
+//! (SIGHUP). A reload that finds any problem changes nothing: the index and the published snapshot
+//! stay at the last good load. A good reload applies new and changed objects and deletes missing ones; an identical
 //! reload publishes nothing.
 //!
 //! Backend host names of listeners are resolved on the initial load, when a reload adds a name,

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! manifest dir --load_dir--> FileSource --apply/delete--> Index --build--> Publisher --> Snapshots
-//!        (notify events, ReloadHandle, DNS timer)     ^                   (ArcSwap + watch)
+//!       (inotify events, ReloadHandle, DNS timer)     ^                   (ArcSwap + watch)
 //! API server --watchers--> KubeSource --apply/relist--+
 //! ```
 //!
