@@ -37,7 +37,6 @@ use std::{
     time::Duration,
 };
 
-use socket2::SockRef;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -151,7 +150,7 @@ async fn handle(client: Stream, peer: SocketAddr, state: Arc<ListenerState>) {
     let Some((server, lease)) = connected else {
         // Nothing could be reached (none usable, or every attempt failed): reset at once.
         state.metrics.no_endpoint.increment(1);
-        reset(&client);
+        relay::reset(&client);
         return;
     };
     let drain = upstreams.drain_token(lease.addr()).unwrap_or(state.drain_token()).clone();
@@ -161,25 +160,21 @@ async fn handle(client: Stream, peer: SocketAddr, state: Arc<ListenerState>) {
 
     if proxy_protocol && let Err(error) = send_proxy_header(&client, peer, &server).await {
         tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), %error, "PROXY header not sent");
-        reset(&client);
+        relay::reset(&client);
         return;
     }
 
-    match relay::relay(&client, &server, &state.metrics.rx, &state.metrics.tx, zero_copy, &drain).await {
+    let outcome =
+        relay::relay(&client, &server, &state.metrics.rx, &state.metrics.tx, zero_copy, &drain).await;
+    outcome.arm_resets(&client, &server);
+    match outcome {
         Outcome::Closed(rx, tx) => {
             tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), rx, tx, "closed");
         }
         Outcome::Failed(error) => {
-            // Propagate the failure as a reset to the side that is still alive.
-            match error {
-                Error::Client(_) => reset(&server),
-                _ => reset(&client),
-            }
             tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), %error, "reset");
         }
         Outcome::Drained => {
-            reset(&client);
-            reset(&server);
             tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), "drained");
         }
     }
@@ -259,8 +254,8 @@ async fn client_gone(client: &Stream) -> bool {
 fn close_quietly(client: &Stream) {
     let mut buf = [0u8; 4096];
     for _ in 0..64 {
-        match rustix::net::recv(client, &mut buf, rustix::net::RecvFlags::empty()) {
-            Ok((0, _)) | Err(_) => break,
+        match relay::recv(client.get_ref(), &mut buf) {
+            Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
     }
@@ -273,11 +268,6 @@ async fn send_proxy_header(client: &Stream, peer: SocketAddr, server: &Stream) -
     let mut buf = [0u8; proxy_protocol::MAX_LEN];
     let n = proxy_protocol::encode_v2(peer, local, &mut buf);
     relay::write_all(server, &buf[..n]).await
-}
-
-/// Arranges for the socket to be closed with RST when it is dropped.
-fn reset(s: &Stream) {
-    let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
 #[cfg(test)]

@@ -54,6 +54,23 @@ pub(super) enum Outcome {
     Drained,
 }
 
+impl Outcome {
+    /// Arms the resets the sockets' close must send: after a failure, to the side that is still
+    /// alive (the failure propagates); after a drain, to both. After [`Outcome::Closed`] the close
+    /// is a FIN.
+    pub(super) fn arm_resets(&self, client: &Stream, server: &Stream) {
+        match self {
+            Outcome::Closed(..) => {}
+            Outcome::Failed(Error::Client(_)) => reset(server),
+            Outcome::Failed(_) => reset(client),
+            Outcome::Drained => {
+                reset(client);
+                reset(server);
+            }
+        }
+    }
+}
+
 /// Relays `client` <-> `server` until both directions ended, one failed, or `drain` is cancelled.
 /// `rx`/`tx` count bytes from and to the client as they move. After [`Outcome::Closed`] the
 /// caller must close both sockets: that close is the FIN of the direction that ended last.
@@ -130,7 +147,7 @@ fn transient(e: &io::Error) -> bool {
 }
 
 /// `recv(2)` without flags, as a direct system call.
-fn recv(s: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+pub(super) fn recv(s: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     rustix::net::recv(s, buf, rustix::net::RecvFlags::empty()).map(|(n, _)| n).map_err(io::Error::from)
 }
 
@@ -162,6 +179,11 @@ fn hung_up(s: &Stream, cx: &mut Context<'_>) -> bool {
 /// Half-closes `s` (FIN after the queued bytes); failure means the peer is gone already.
 pub(super) fn half_close(s: &Stream) {
     let _ = SockRef::from(s).shutdown(std::net::Shutdown::Write);
+}
+
+/// Arranges for `s` to be closed with RST when it is dropped (`SO_LINGER` 0).
+pub(super) fn reset(s: &Stream) {
+    let _ = SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// Passes a direction's EOF on: `shutdown(Write)` on `to`, unless this was the `last` direction.
@@ -432,11 +454,37 @@ mod tests {
         (0..size).map(|i| (i % 241) as u8).collect()
     }
 
+    /// Runs the relay between the proxy's two sockets next to `ends` (what the client and the
+    /// server do), then closes the sockets as `handle` does: with the resets the outcome arms.
+    async fn relayed<T>(
+        pc: Stream,
+        ps: Stream,
+        zero_copy: bool,
+        drain: &CancellationToken,
+        ends: impl Future<Output = T>,
+    ) -> (Outcome, T) {
+        let relay = async move {
+            let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
+            let outcome = relay(&pc, &ps, &rx, &tx, zero_copy, drain).await;
+            outcome.arm_resets(&pc, &ps);
+            drop((pc, ps));
+            outcome
+        };
+        tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(relay, ends) })
+            .await
+            .expect("in time")
+    }
+
+    /// Reads `s` to its end: the bytes, and how it ended (EOF or the error).
+    async fn read_all(s: &mut TcpStream) -> (Vec<u8>, io::Result<usize>) {
+        let mut got = Vec::new();
+        let end = s.read_to_end(&mut got).await;
+        (got, end)
+    }
+
     /// The client sends `size` bytes and half-closes; the server reads to EOF, answers and closes.
     async fn exchange(size: usize, zero_copy: bool) {
         let (mut client, pc, ps, mut server) = pairs().await;
-        let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
-        let drain = CancellationToken::new();
         let payload = payload(size);
         let ends = async {
             client.write_all(&payload).await.expect("write");
@@ -449,15 +497,7 @@ mod tests {
             client.read_to_end(&mut back).await.expect("client reads reply");
             (got, back)
         };
-        let relay = async move {
-            let outcome = relay(&pc, &ps, &rx, &tx, zero_copy, &drain).await;
-            drop((pc, ps));
-            outcome
-        };
-        let (outcome, (got, back)) =
-            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, ends) })
-                .await
-                .expect("in time");
+        let (outcome, (got, back)) = relayed(pc, ps, zero_copy, &CancellationToken::new(), ends).await;
         let Outcome::Closed(from_client, to_client) = outcome else { panic!("relay did not close cleanly") };
         assert_eq!((from_client, to_client), (payload.len() as u64, 15));
         assert!(got == payload);
@@ -488,8 +528,6 @@ mod tests {
     #[tokio::test]
     async fn request_response_rounds() {
         let (mut client, pc, ps, mut server) = pairs().await;
-        let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
-        let drain = CancellationToken::new();
         let rounds = async {
             for round in 0..500u32 {
                 let request = payload(50 + (round as usize * 37) % 3000);
@@ -506,11 +544,7 @@ mod tests {
             drop(client);
             drop(server);
         };
-        let (outcome, ()) = tokio::time::timeout(Duration::from_secs(20), async {
-            tokio::join!(relay(&pc, &ps, &rx, &tx, true, &drain), rounds)
-        })
-        .await
-        .expect("in time");
+        let (outcome, ()) = relayed(pc, ps, true, &CancellationToken::new(), rounds).await;
         assert!(matches!(outcome, Outcome::Closed(..)), "both ends closed with FIN");
     }
 
@@ -521,8 +555,6 @@ mod tests {
     async fn server_closes_first() {
         for size in [1, 1000, 100_000] {
             let (mut client, pc, ps, mut server) = pairs().await;
-            let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
-            let drain = CancellationToken::new();
             let answer = payload(size);
             let ends = async {
                 client.write_all(b"request").await.expect("request");
@@ -537,15 +569,7 @@ mod tests {
                 server.read_to_end(&mut rest).await.expect("server sees the client's FIN");
                 (back, rest)
             };
-            let relay = async move {
-                let outcome = relay(&pc, &ps, &rx, &tx, false, &drain).await;
-                drop((pc, ps));
-                outcome
-            };
-            let (outcome, (back, rest)) =
-                tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, ends) })
-                    .await
-                    .expect("in time");
+            let (outcome, (back, rest)) = relayed(pc, ps, false, &CancellationToken::new(), ends).await;
             assert!(back == answer, "the answer of {size} bytes arrived intact");
             assert!(rest.is_empty());
             assert!(matches!(outcome, Outcome::Closed(7, n) if n == size as u64));
@@ -556,72 +580,48 @@ mod tests {
     /// a clean EOF, even when the reset is already known as the data is read.
     #[tokio::test]
     async fn server_reset_after_data_reaches_the_client_as_a_reset() {
-        let (mut client, pc, ps, server) = pairs().await;
-        let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
-        let drain = CancellationToken::new();
-        let mut server = server;
+        let (mut client, pc, ps, mut server) = pairs().await;
         server.write_all(b"partial").await.expect("write");
         SockRef::from(&server).set_linger(Some(Duration::ZERO)).expect("linger");
         drop(server);
-        let relay = async move {
-            let outcome = relay(&pc, &ps, &rx, &tx, false, &drain).await;
-            // As `handle` does after an upstream failure.
-            if matches!(outcome, Outcome::Failed(Error::Upstream(_))) {
-                SockRef::from(&pc).set_linger(Some(Duration::ZERO)).expect("linger");
-            }
-            drop((pc, ps));
-            outcome
-        };
-        let read = async {
-            let mut got = Vec::new();
-            let end = client.read_to_end(&mut got).await;
-            (got, end)
-        };
         let (outcome, (got, end)) =
-            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(relay, read) })
-                .await
-                .expect("in time");
+            relayed(pc, ps, false, &CancellationToken::new(), read_all(&mut client)).await;
         assert!(matches!(outcome, Outcome::Failed(Error::Upstream(_))), "upstream failure");
-        let end = end.expect_err("a reset, not EOF");
-        assert_eq!(end.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(end.expect_err("a reset, not EOF").kind(), io::ErrorKind::ConnectionReset);
         assert!(got.is_empty() || got == b"partial", "no other bytes: {got:?}");
     }
 
-    /// Cancelling the drain token ends the relay while both directions are still open.
+    /// A reset from the server before any answer: an upstream error, passed on as a reset.
+    #[tokio::test]
+    async fn server_reset_is_an_upstream_error() {
+        let (mut client, pc, ps, server) = pairs().await;
+        SockRef::from(&server).set_linger(Some(Duration::ZERO)).expect("linger");
+        let ends = async {
+            client.write_all(b"hello").await.expect("write");
+            drop(server);
+            read_all(&mut client).await
+        };
+        let (outcome, (got, end)) = relayed(pc, ps, false, &CancellationToken::new(), ends).await;
+        assert!(matches!(outcome, Outcome::Failed(Error::Upstream(_))), "upstream failure");
+        assert!(got.is_empty());
+        assert_eq!(end.expect_err("a reset, not EOF").kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// Cancelling the drain token ends the relay while both directions are still open, and
+    /// resets both sides.
     #[tokio::test]
     async fn drain_ends_the_relay() {
-        let (mut client, pc, ps, _server) = pairs().await;
-        let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
+        let (mut client, pc, ps, mut server) = pairs().await;
         let drain = CancellationToken::new();
         let cancel = async {
             client.write_all(b"in flight").await.expect("write");
             tokio::task::yield_now().await;
             drain.cancel();
+            (read_all(&mut client).await.1, read_all(&mut server).await.1)
         };
-        let (outcome, ()) = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::join!(relay(&pc, &ps, &rx, &tx, false, &drain), cancel)
-        })
-        .await
-        .expect("in time");
+        let (outcome, (client_end, server_end)) = relayed(pc, ps, false, &drain, cancel).await;
         assert!(matches!(outcome, Outcome::Drained));
-    }
-
-    /// A reset from the server ends the relay with an upstream error.
-    #[tokio::test]
-    async fn server_reset_is_an_upstream_error() {
-        let (mut client, pc, ps, server) = pairs().await;
-        let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
-        let drain = CancellationToken::new();
-        SockRef::from(&server).set_linger(Some(Duration::ZERO)).expect("linger");
-        let ends = async {
-            client.write_all(b"hello").await.expect("write");
-            drop(server);
-        };
-        let (outcome, ()) = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::join!(relay(&pc, &ps, &rx, &tx, false, &drain), ends)
-        })
-        .await
-        .expect("in time");
-        assert!(matches!(outcome, Outcome::Failed(Error::Upstream(_))), "upstream failure");
+        assert_eq!(client_end.expect_err("client reset").kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(server_end.expect_err("server reset").kind(), io::ErrorKind::ConnectionReset);
     }
 }
