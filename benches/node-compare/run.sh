@@ -45,6 +45,9 @@
 #   OUT [mktemp -d /tmp/nodebench.XXXXXX]  PIN [split] CPU_LOAD [0] CPU_NODE [1] WARMUP [1]
 #   QUIET_PCT [15] QUIET_SECS [2] QUIET_MAX [10] (per cell) QUIET_BUDGET [60] (whole run, seconds)
 #   FOREIGN_MAX [8] FOREIGN_KPPS [5] RETRIES [1] RETRY_UNTIL [200]
+#   DIAG [""]  diagnostics per cell, in raw/: "switches" = context switches per command name
+#     (raw/TAG.switches, from /proc/*/task/*/status; the load tool's own in raw/TAG.time via
+#     /usr/bin/time), "pages" = page allocator events per CPU for DUR/2 s (raw/TAG.pages, perf stat)
 #
 # Needs root, iproute2, taskset, nft, iptables, haproxy, nginx + libnginx-mod-stream, iperf3, wrk, jq.
 set -uo pipefail
@@ -63,6 +66,7 @@ PIN=${PIN:-split}
 CPU_LOAD=${CPU_LOAD:-0}
 CPU_NODE=${CPU_NODE:-1}
 WARMUP=${WARMUP:-1}
+DIAG=${DIAG:-}
 QUIET_PCT=${QUIET_PCT:-15}
 QUIET_SECS=${QUIET_SECS:-2}
 QUIET_MAX=${QUIET_MAX:-10}
@@ -140,6 +144,8 @@ for tool in ip taskset timeout nft haproxy nginx iperf3 wrk jq find "$IPTABLES_R
   command -v "$tool" >/dev/null ||
     die "missing tool: $tool (apt-get install iptables nftables haproxy nginx-light libnginx-mod-stream iperf3 wrk jq)"
 done
+[[ $DIAG != *switches* || -x /usr/bin/time ]] || die "DIAG=switches needs /usr/bin/time (apt-get install time)"
+[[ $DIAG != *pages* ]] || command -v perf >/dev/null || die "DIAG=pages needs perf (apt-get install linux-perf)"
 STREAM_MOD=/usr/lib/nginx/modules/ngx_stream_module.so
 [[ $DUR =~ ^[0-9]+$ && $DUR -ge 1 ]] || die "DUR must be a positive integer"
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 ]] || die "ROUNDS must be a positive integer"
@@ -204,6 +210,13 @@ foreign_ticks() {
       s = 0
       for (p in t) if (!(p in inset) && p != 2 && ppid[p] != 2) s += t[p]
       print s }'
+}
+
+# "command sleeps preempted": voluntary and involuntary context switches summed per command name.
+switches() {
+  cat /proc/[0-9]*/task/[0-9]*/status 2>/dev/null | awk '
+    /^Name:/ { n = $2 } /^voluntary_ctxt_switches:/ { v[n] += $2 } /^nonvoluntary_ctxt_switches:/ { i[n] += $2 }
+    END { for (k in v) print k, v[k], i[k] }'
 }
 
 # "inode rx_packets" for every network namespace that has a process, except ours (one /proc/PID/net/dev each).
@@ -793,9 +806,27 @@ measure() {
   read -r a0 s0 _ _ < <(cpu_jiffies "cpu$CPU_NODE")
   read -r c0 _ _ _ < <(cpu_jiffies "cpu$CPU_LOAD")
   read -r _ _ st0 tt0 < <(cpu_jiffies cpu)
+  local diag_pid='' timed=()
+  if [[ $DIAG == *switches* ]]; then
+    switches >"$raw.switches0"
+    timed=(/usr/bin/time -o "$raw.time" -f "load: %U s user, %S s system, %w sleeps, %c preempted")
+  fi
+  if [[ $DIAG == *pages* ]]; then
+    (sleep 1 && exec perf stat -a -A -x, -o "$raw.pages" -e kmem:mm_page_alloc --filter 'order == 3' \
+      -e kmem:mm_page_alloc -e kmem:mm_page_free -e kmem:mm_page_alloc_zone_locked -- sleep $((DUR / 2))) \
+      >/dev/null 2>&1 &
+    diag_pid=$!
+  fi
   w0=$(now)
-  run_load "$raw.out" "${load[@]}"
+  run_load "$raw.out" "${timed[@]}" "${load[@]}"
   w1=$(now)
+  [[ -n $diag_pid ]] && wait "$diag_pid"
+  if [[ $DIAG == *switches* ]]; then # changed counts only: "command sleeps preempted"
+    switches | awk 'NR == FNR { v[$1] = $2; i[$1] = $3; next }
+      ($1 in v) && ($2 > v[$1] || $3 > i[$1]) { print $1, $2 - v[$1], $3 - i[$1] }' "$raw.switches0" - \
+      | sort -k2,2nr >"$raw.switches"
+    rm -f "$raw.switches0"
+  fi
   read -r _ _ st1 tt1 < <(cpu_jiffies cpu)
   read -r a1 s1 _ _ < <(cpu_jiffies "cpu$CPU_NODE")
   read -r c1 _ _ _ < <(cpu_jiffies "cpu$CPU_LOAD")
