@@ -4,6 +4,8 @@
 //! - the data plane, through [`Lease`](crate::Lease) (active connection count) and
 //!   [`EndpointState::report_connect_success`] / [`EndpointState::report_connect_failure`]
 //!   (passive health);
+//! - the data plane, through [`EndpointState::send_early`] / [`EndpointState::report_early_send`]
+//!   (whether connects complete at once);
 //! - the active health checker ([`crate::health`]), through [`EndpointState::set_healthy`];
 //! - [`Pool::new`](crate::Pool::new), which writes the passive-health configuration.
 //!
@@ -19,6 +21,13 @@
 //! [`PassiveHealth::ejection`]. After that it is picked again *half-open*: the count is still at
 //! the threshold, so one more failure ejects it again right away, while one success resets it.
 //! A threshold of 0 disables ejection.
+//!
+//! Connects that complete at once: to an endpoint on the same host, `connect(2)` usually returns
+//! with the handshake already done, so the proxy can send the client's first bytes right away
+//! instead of waiting for the writable event (one event-loop round trip less, and the backend
+//! sees its new connection and the request together). To a remote endpoint that send would only
+//! fail with `EAGAIN`, so each endpoint remembers how its last such send went, and after a failure
+//! tries again only every [`EARLY_SEND_PROBE`]th connect.
 //!
 //! Time is injectable: every time-dependent method has an `_at(now: Instant)` variant that tests
 //! drive with synthetic instants. Instants are stored as nanoseconds since a process-wide epoch
@@ -80,7 +89,13 @@ pub struct EndpointState {
     eject_after: AtomicU32,
     /// [`PassiveHealth::ejection`] in nanoseconds.
     ejection_nanos: AtomicU64,
+    /// 0 while connects complete at once (see the module docs); else connects since the last
+    /// early send that found the handshake unfinished.
+    slow_connects: AtomicU32,
 }
+
+/// After an early send found the handshake unfinished, every how many connects to try again.
+pub const EARLY_SEND_PROBE: u32 = 64;
 
 /// A point-in-time view of an endpoint's health, for the admin dump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +136,7 @@ impl EndpointState {
             ejections: AtomicU64::new(0),
             eject_after: AtomicU32::new(passive.consecutive_failures),
             ejection_nanos: AtomicU64::new(duration_nanos(passive.ejection)),
+            slow_connects: AtomicU32::new(0),
         }
     }
 
@@ -205,6 +221,26 @@ impl EndpointState {
         self.ejection_nanos.store(duration_nanos(passive.ejection), Ordering::Relaxed);
     }
 
+    /// Whether to send the client's first bytes as soon as `connect(2)` returns (see the module
+    /// docs): yes while connects to this endpoint complete at once, and on every
+    /// [`EARLY_SEND_PROBE`]th connect after one did not.
+    pub fn send_early(&self) -> bool {
+        // No write on the common path: a local endpoint stays at 0.
+        self.slow_connects.load(Ordering::Relaxed) == 0
+            || self.slow_connects.fetch_add(1, Ordering::Relaxed).is_multiple_of(EARLY_SEND_PROBE)
+    }
+
+    /// Records how an early send went: `complete` when the handshake was done (the send was
+    /// accepted), not when it found the connect still in progress.
+    pub fn report_early_send(&self, complete: bool) {
+        let slow = self.slow_connects.load(Ordering::Relaxed);
+        if complete && slow != 0 {
+            self.slow_connects.store(0, Ordering::Relaxed);
+        } else if !complete && slow == 0 {
+            self.slow_connects.store(1, Ordering::Relaxed);
+        }
+    }
+
     /// Records a successful upstream connect: resets the consecutive-failure count (and so ends
     /// a half-open period).
     pub fn report_connect_success(&self) {
@@ -284,6 +320,24 @@ mod tests {
         let s = EndpointState::new("127.0.0.1:80".parse().expect("addr"));
         s.configure_passive(PassiveHealth { consecutive_failures: threshold, ejection });
         s
+    }
+
+    /// Early sends go on while connects complete at once; after one that did not, only every
+    /// `EARLY_SEND_PROBE`th connect tries, and a probe that finds the connect complete restores
+    /// them all.
+    #[test]
+    fn early_send_backs_off_and_probes() {
+        let s = state(3, Duration::from_secs(10));
+        assert!((0..10).all(|_| s.send_early()), "a new endpoint is assumed local");
+        s.report_early_send(true);
+        assert!(s.send_early());
+        s.report_early_send(false);
+        let tries: Vec<usize> = (0..3 * EARLY_SEND_PROBE as usize).filter(|_| s.send_early()).collect();
+        assert_eq!(tries.len(), 3, "one probe per {EARLY_SEND_PROBE} connects: {tries:?}");
+        s.report_early_send(false);
+        assert!(!s.send_early(), "a failed probe keeps backing off");
+        s.report_early_send(true);
+        assert!((0..10).all(|_| s.send_early()), "a probe that succeeded restores early sends");
     }
 
     #[test]

@@ -4,6 +4,15 @@
 //! port's connect timeout, retry other endpoints up to `connect_attempts` (a fixed array of tried
 //! addresses, no allocation), then relay both directions until both have ended.
 //!
+//! Early send (HAProxy's speculative I/O): a client that speaks first has usually sent its first
+//! bytes before the accept. Unless the port writes a PROXY header, they are read right after the
+//! upstream `connect(2)` returns and sent at once; to an endpoint on the same host the handshake is
+//! done by then, so the request leaves one event-loop round trip sooner and the backend finds it
+//! queued with the connection (it need not sleep between its accept and its read). Endpoints whose
+//! connects do not complete at once are tried only now and then
+//! ([`ferry_lb::EndpointState::send_early`]). The client is registered with the reactor only
+//! afterwards, so epoll reports nothing for the bytes already read.
+//!
 //! Relay semantics:
 //! - EOF from one side -> `shutdown(Write)` on the other; the other direction keeps flowing.
 //! - A read/write error (e.g. `ECONNRESET`) on one side -> the other side is closed with RST
@@ -107,12 +116,49 @@ impl Drop for Active<'_> {
     }
 }
 
-async fn handle(client: Stream, peer: SocketAddr, state: Arc<ListenerState>) {
+/// An accepted client: registered with the reactor only when it has to wait for one (a held
+/// connection), or once its upstream connection exists (see the module docs: early send).
+enum Client {
+    Accepted(std::net::TcpStream),
+    Registered(Stream),
+}
+
+impl Client {
+    fn socket(&self) -> &std::net::TcpStream {
+        match self {
+            Self::Accepted(s) => s,
+            Self::Registered(s) => s.get_ref(),
+        }
+    }
+
+    fn register(self) -> io::Result<Stream> {
+        match self {
+            Self::Accepted(s) => crate::sys::register(s),
+            Self::Registered(s) => Ok(s),
+        }
+    }
+}
+
+async fn handle(client: std::net::TcpStream, peer: SocketAddr, state: Arc<ListenerState>) {
     state.opened();
     let _active = Active(&state);
     // TCP_NODELAY is inherited from the listening socket (see `manager::bind`).
 
-    let Some(upstreams) = routed(&client, peer, &state).await else { return };
+    let upstreams = state.upstreams();
+    let (client, upstreams) = if matches!(upstreams.route(peer.ip()), Route::Pool(_)) {
+        (Client::Accepted(client), upstreams)
+    } else {
+        drop(upstreams);
+        let client = match crate::sys::register(client) {
+            Ok(client) => client,
+            Err(error) => {
+                tracing::warn!(listener = %state.name(), client = %peer, %error, "closing client");
+                return;
+            }
+        };
+        let Some(upstreams) = routed(&client, peer, &state).await else { return };
+        (Client::Registered(client), upstreams)
+    };
     // `routed` checked this very routing; `Drop` cannot come back.
     let Route::Pool(pool) = upstreams.route(peer.ip()) else { return };
     let timeouts = pool.port().timeouts;
@@ -122,6 +168,7 @@ async fn handle(client: Stream, peer: SocketAddr, state: Arc<ListenerState>) {
     let attempts = (timeouts.connect_attempts as usize).clamp(1, MAX_CONNECT_ATTEMPTS);
     let mut tried = [SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0); MAX_CONNECT_ATTEMPTS];
     let mut n = 0;
+    let mut early = relay::Early::default();
     let connected = loop {
         if n == attempts {
             break None;
@@ -135,8 +182,13 @@ async fn handle(client: Stream, peer: SocketAddr, state: Arc<ListenerState>) {
         let addr = lease.addr();
         tried[n] = addr;
         n += 1;
-        let error = match tokio::time::timeout(timeouts.connect, connect(addr, source, &state)).await {
-            Ok(Ok(server)) => {
+        let early =
+            (!proxy_protocol && lease.endpoint().send_early()).then_some((client.socket(), &mut early));
+        let error = match tokio::time::timeout(timeouts.connect, connect(addr, source, &state, early)).await {
+            Ok(Ok((server, sent))) => {
+                if let Some(complete) = sent {
+                    lease.endpoint().report_early_send(complete);
+                }
                 lease.endpoint().report_connect_success();
                 break Some((server, lease));
             }
@@ -150,8 +202,21 @@ async fn handle(client: Stream, peer: SocketAddr, state: Arc<ListenerState>) {
     let Some((server, lease)) = connected else {
         // Nothing could be reached (none usable, or every attempt failed): reset at once.
         state.metrics.no_endpoint.increment(1);
-        relay::reset(&client);
+        relay::reset(client.socket());
         return;
+    };
+    if let Some(error) = early.client_failed() {
+        tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), %error, "reset");
+        relay::reset(&server);
+        return;
+    }
+    let client = match client.register() {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::warn!(listener = %state.name(), client = %peer, %error, "closing client");
+            relay::reset(&server);
+            return;
+        }
     };
     let drain = upstreams.drain_token(lease.addr()).unwrap_or(state.drain_token()).clone();
     // Do not keep the whole pool alive for the connection's lifetime.
@@ -165,7 +230,7 @@ async fn handle(client: Stream, peer: SocketAddr, state: Arc<ListenerState>) {
     }
 
     let outcome =
-        relay::relay(&client, &server, &state.metrics.rx, &state.metrics.tx, zero_copy, &drain).await;
+        relay::relay(&client, &server, &state.metrics.rx, &state.metrics.tx, zero_copy, &drain, early).await;
     outcome.arm_resets(&client, &server);
     match outcome {
         Outcome::Closed(rx, tx) => {
@@ -183,7 +248,12 @@ async fn handle(client: Stream, peer: SocketAddr, state: Arc<ListenerState>) {
 /// Connects to `addr`; from `source`'s IP (`IP_TRANSPARENT`, kernel-chosen port) when given and
 /// of the same family. If the transparent socket cannot be set up (no `CAP_NET_ADMIN`), the
 /// connection is made from a local address instead and a warning is logged.
-async fn connect(addr: SocketAddr, source: Option<SocketAddr>, state: &ListenerState) -> io::Result<Stream> {
+async fn connect(
+    addr: SocketAddr,
+    source: Option<SocketAddr>,
+    state: &ListenerState,
+    early: Option<(&std::net::TcpStream, &mut relay::Early)>,
+) -> io::Result<(Stream, Option<bool>)> {
     let from = source.map(|s| s.ip()).filter(|ip| ip.is_ipv4() == addr.is_ipv4());
     let socket = match (stream::socket(addr, from), source) {
         (Err(error), Some(client)) if from.is_some() => {
@@ -192,7 +262,7 @@ async fn connect(addr: SocketAddr, source: Option<SocketAddr>, state: &ListenerS
         }
         (socket, _) => socket?,
     };
-    stream::connect(socket, addr).await
+    stream::connect(socket, addr, early).await
 }
 
 /// The current upstreams once they route `peer` to a pool; `None` when the connection was
@@ -285,7 +355,7 @@ mod tests {
         let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (accepted, peer) = poll_fn(|cx| stream::poll_accept(&listener, cx)).await.expect("accept");
         assert_eq!(peer, client.local_addr().expect("client addr"));
-        assert!(accepted.get_ref().nodelay().expect("nodelay"));
+        assert!(accepted.nodelay().expect("nodelay"));
     }
 
     /// A connect to a closed port fails with the kernel's reason, read only after the hang-up.
@@ -295,7 +365,7 @@ mod tests {
         let addr = closed.local_addr().expect("addr");
         drop(closed);
         let socket = stream::socket(addr, None).expect("socket");
-        let error = stream::connect(socket, addr).await.expect_err("refused");
+        let error = stream::connect(socket, addr, None).await.expect_err("refused");
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
 
@@ -305,10 +375,121 @@ mod tests {
         let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = server.local_addr().expect("addr");
         let socket = stream::socket(addr, None).expect("socket");
-        let (connected, accepted) = tokio::join!(stream::connect(socket, addr), server.accept());
-        let connected = connected.expect("connected");
+        let (connected, accepted) = tokio::join!(stream::connect(socket, addr, None), server.accept());
+        let (connected, sent) = connected.expect("connected");
+        assert_eq!(sent, None, "nothing to send early");
         let (_accepted, peer) = accepted.expect("accepted");
         assert_eq!(connected.get_ref().local_addr().expect("local"), peer);
         assert!(connected.get_ref().nodelay().expect("nodelay"));
+    }
+
+    /// A client that has sent `bytes` (queued on the returned accepted socket, not yet read).
+    fn spoken(bytes: &[u8]) -> (std::net::TcpStream, std::net::TcpStream) {
+        use std::io::Write as _;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        client.write_all(bytes).expect("client writes");
+        let (accepted, _) = l.accept().expect("accept");
+        // Readiness signal: a blocking peek returns once the bytes are queued.
+        let mut peek = vec![0u8; bytes.len()];
+        while !bytes.is_empty() && accepted.peek(&mut peek).expect("peek") < bytes.len() {}
+        accepted.set_nonblocking(true).expect("non-blocking");
+        (client, accepted)
+    }
+
+    async fn read_exactly(server: &tokio::net::TcpListener, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt as _;
+        let (mut s, _) = server.accept().await.expect("accept");
+        let mut got = vec![0u8; n];
+        s.read_exact(&mut got).await.expect("read");
+        got
+    }
+
+    /// The client's first bytes go upstream as `connect(2)` returns: on loopback the handshake is
+    /// done by then, so the send is accepted whole and nothing is kept for the relay.
+    #[tokio::test]
+    async fn early_send_passes_first_bytes_at_once() {
+        let (_client, accepted) = spoken(b"GET / HTTP/1.1\r\n\r\n");
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let mut early = relay::Early::default();
+        let socket = stream::socket(addr, None).expect("socket");
+        let (_up, sent) =
+            stream::connect(socket, addr, Some((&accepted, &mut early))).await.expect("connected");
+        assert_eq!(sent, Some(true), "the handshake was done when connect returned");
+        assert!(early.pending().is_empty());
+        assert_eq!(read_exactly(&server, 18).await, b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    /// A refused connect keeps the client's bytes for the next endpoint, which gets them once.
+    #[tokio::test]
+    async fn early_bytes_survive_a_refused_connect() {
+        let (_client, accepted) = spoken(b"hello");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let refused = closed.local_addr().expect("addr");
+        drop(closed);
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let mut early = relay::Early::default();
+        let socket = stream::socket(refused, None).expect("socket");
+        let error =
+            stream::connect(socket, refused, Some((&accepted, &mut early))).await.expect_err("refused");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+        assert_eq!(early.pending(), b"hello", "kept for the next attempt");
+        let socket = stream::socket(addr, None).expect("socket");
+        let (_up, sent) =
+            stream::connect(socket, addr, Some((&accepted, &mut early))).await.expect("connected");
+        assert_eq!(sent, Some(true));
+        assert!(early.pending().is_empty());
+        assert_eq!(read_exactly(&server, 5).await, b"hello");
+    }
+
+    /// When the handshake is not done as `connect(2)` returns (here: the listener's accept queue
+    /// is full, so its SYN is dropped and retransmitted a second later), the send finds the
+    /// connect in progress and the bytes stay for the relay; the connect still completes.
+    #[tokio::test]
+    async fn early_bytes_wait_for_a_connect_in_progress() {
+        let (_client, accepted) = spoken(b"hello");
+        let listener =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        listener.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into()).expect("bind");
+        listener.listen(0).expect("listen");
+        let listener = std::net::TcpListener::from(listener);
+        let addr = listener.local_addr().expect("addr");
+        let _queued = std::net::TcpStream::connect(addr).expect("fills the accept queue");
+        let mut early = relay::Early::default();
+        let socket = stream::socket(addr, None).expect("socket");
+        let connect = stream::connect(socket, addr, Some((&accepted, &mut early)));
+        // `join!` polls the connect first: its SYN is dropped before the queue is emptied.
+        let (connected, ()) = tokio::join!(connect, async {
+            let _ = listener.accept().expect("accept the queued connection");
+        });
+        let (_up, sent) = connected.expect("connected after the SYN's retransmission");
+        assert_eq!(sent, Some(false), "the early send found the connect in progress");
+        assert_eq!(early.pending(), b"hello", "the relay writes these first");
+    }
+
+    /// A client that reset before its first bytes were read is reported, so `handle` resets the
+    /// upstream instead of relaying an EOF.
+    #[tokio::test]
+    async fn early_read_reports_a_client_reset() {
+        let (client, accepted) = spoken(b"");
+        socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).expect("linger");
+        drop(client);
+        // Wait for the RST without reading (a read would consume the error).
+        let accepted = tokio::net::TcpStream::from_std(accepted).expect("register");
+        tokio::time::timeout(Duration::from_secs(5), accepted.readable())
+            .await
+            .expect("reset in time")
+            .expect("readable");
+        let accepted = accepted.into_std().expect("deregister");
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let mut early = relay::Early::default();
+        let socket = stream::socket(addr, None).expect("socket");
+        let (_up, sent) =
+            stream::connect(socket, addr, Some((&accepted, &mut early))).await.expect("connected");
+        assert_eq!(sent, None, "nothing was sent");
+        assert_eq!(early.client_failed().map(io::Error::kind), Some(io::ErrorKind::ConnectionReset));
     }
 }

@@ -28,6 +28,10 @@
 //!   the reset is reported, not turned into a FIN.
 //! - The first read or write error ends the relay with that error, naming the failed side.
 //! - A pipe goes back to the thread's cache only when it is known to be empty.
+//! - What the client sent before the upstream connection existed ([`Early`]) is written upstream
+//!   before anything else the client sends: [`send_early`] reads it (once, on the first connect
+//!   attempt) and sends it as soon as `connect(2)` returns; what that send did not take is the
+//!   first thing the relay writes.
 
 use std::{
     future::{Future as _, poll_fn},
@@ -81,8 +85,14 @@ pub(super) async fn relay(
     tx: &metrics::Counter,
     zero_copy: bool,
     drain: &CancellationToken,
+    early: Early,
 ) -> Outcome {
     let mut up = Half::new(zero_copy);
+    if early.read > 0 {
+        rx.increment(early.read as u64);
+        up.total = early.read as u64;
+        up.rest = early.data;
+    }
     let mut down = Half::new(zero_copy);
     let mut cancelled = pin!(drain.cancelled());
     // The waker `cancelled` was last polled with: the token wakes that one, so while the task's
@@ -182,7 +192,7 @@ pub(super) fn half_close(s: &Stream) {
 }
 
 /// Arranges for `s` to be closed with RST when it is dropped (`SO_LINGER` 0).
-pub(super) fn reset(s: &Stream) {
+pub(super) fn reset(s: &impl std::os::fd::AsFd) {
     let _ = SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
 }
 
@@ -414,6 +424,81 @@ impl Drop for Half {
     }
 }
 
+/// The client's first bytes, read before its upstream connection was established (see
+/// [`send_early`]). Owned by the connection's task; holds a buffer only when a send did not take
+/// everything (the connect was still in progress, or failed and the next endpoint gets them).
+#[derive(Debug, Default)]
+pub(super) struct Early {
+    /// Read from the client and not yet written upstream.
+    data: Vec<u8>,
+    /// Bytes read from the client so far (0: not read yet).
+    read: usize,
+    /// The client was read from (once is enough: the relay reads the rest).
+    tried: bool,
+    /// Reading the client failed (it reset): the connection must end with resets.
+    client_failed: Option<io::Error>,
+}
+
+impl Early {
+    /// The client reset before its first bytes could be passed on.
+    pub(super) fn client_failed(&self) -> Option<&io::Error> {
+        self.client_failed.as_ref()
+    }
+
+    /// Read from the client, not yet written upstream.
+    #[cfg(test)]
+    pub(super) fn pending(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// Passes the client's first bytes to `to`, a socket whose `connect(2)` has just returned: on the
+/// first attempt what `client` has queued (read without waiting, into the scratch buffer, so
+/// nothing is allocated when the send takes it all), on a later attempt what an earlier one kept.
+///
+/// Returns `Some(true)` when the send was accepted (the handshake was done), `Some(false)` when it
+/// found the connect still in progress (the bytes stay in `early` for the relay), and `None` when
+/// there was nothing to send (the client has not spoken, or already half-closed). An error is the
+/// connect's own failure (refused, unreachable); the bytes stay in `early` for the next attempt.
+pub(super) fn send_early(
+    client: &std::net::TcpStream,
+    to: &std::net::TcpStream,
+    early: &mut Early,
+) -> io::Result<Option<bool>> {
+    let sent = |result: io::Result<usize>| match result {
+        Ok(n) => Ok((n, Some(true))),
+        Err(e) if transient(&e) => Ok((0, Some(false))),
+        Err(e) => Err(e),
+    };
+    if !early.data.is_empty() {
+        let (n, complete) = sent(send(to, &early.data, false))?;
+        early.data.drain(..n);
+        return Ok(complete);
+    }
+    if std::mem::replace(&mut early.tried, true) {
+        return Ok(None);
+    }
+    SCRATCH.with_borrow_mut(|buf| {
+        let got = match recv(client, buf) {
+            Ok(n) => n,
+            // Nothing queued: the relay reads the client's first bytes when they come.
+            Err(e) if transient(&e) => 0,
+            Err(e) => {
+                early.client_failed = Some(e);
+                0
+            }
+        };
+        if got == 0 {
+            return Ok(None);
+        }
+        early.read = got;
+        let result = sent(send(to, &buf[..got], false));
+        let n = result.as_ref().map_or(0, |(n, _)| *n);
+        early.data.extend_from_slice(&buf[n..got]);
+        result.map(|(_, complete)| complete)
+    })
+}
+
 /// Writes all of `buf` to `to` (used before the relay starts, e.g. for a PROXY protocol header).
 pub(super) async fn write_all(to: &Stream, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
@@ -463,9 +548,21 @@ mod tests {
         drain: &CancellationToken,
         ends: impl Future<Output = T>,
     ) -> (Outcome, T) {
+        relayed_after(Early::default(), pc, ps, zero_copy, drain, ends).await
+    }
+
+    /// [`relayed`] with `early` bytes already read from the client and not yet sent.
+    async fn relayed_after<T>(
+        early: Early,
+        pc: Stream,
+        ps: Stream,
+        zero_copy: bool,
+        drain: &CancellationToken,
+        ends: impl Future<Output = T>,
+    ) -> (Outcome, T) {
         let relay = async move {
             let (rx, tx) = (metrics::Counter::noop(), metrics::Counter::noop());
-            let outcome = relay(&pc, &ps, &rx, &tx, zero_copy, drain).await;
+            let outcome = relay(&pc, &ps, &rx, &tx, zero_copy, drain, early).await;
             outcome.arm_resets(&pc, &ps);
             drop((pc, ps));
             outcome
@@ -502,6 +599,25 @@ mod tests {
         assert_eq!((from_client, to_client), (payload.len() as u64, 15));
         assert!(got == payload);
         assert_eq!(back, b"reply after EOF");
+    }
+
+    /// Bytes read before the upstream connect finished reach the server before anything the
+    /// client sends later, and count as bytes from the client.
+    #[tokio::test]
+    async fn early_bytes_go_first() {
+        let (mut client, pc, ps, mut server) = pairs().await;
+        let early = Early { data: b"early ".to_vec(), read: 6, tried: true, client_failed: None };
+        let ends = async {
+            client.write_all(b"late").await.expect("write");
+            client.shutdown().await.expect("half-close");
+            let (got, end) = read_all(&mut server).await;
+            end.expect("server reads to EOF");
+            server.shutdown().await.expect("close");
+            got
+        };
+        let (outcome, got) = relayed_after(early, pc, ps, false, &CancellationToken::new(), ends).await;
+        assert_eq!(got, b"early late");
+        assert!(matches!(outcome, Outcome::Closed(10, 0)), "6 early bytes and 4 later ones from the client");
     }
 
     /// Small transfers stay on the copy path.

@@ -22,6 +22,7 @@ use rustix::net::SocketFlags;
 use socket2::{Domain, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
+use super::relay::{self, Early};
 use crate::sys;
 
 /// A connected, non-blocking TCP socket registered for read and write readiness.
@@ -36,16 +37,17 @@ pub fn listener(socket: Socket) -> io::Result<Listener> {
     sys::register(socket.into())
 }
 
-/// Accepts one connection on `listener`: `accept4` with `SOCK_NONBLOCK | SOCK_CLOEXEC`, then the
-/// registration. The accepted socket inherits the listener's `TCP_NODELAY`.
+/// Accepts one connection on `listener`: `accept4` with `SOCK_NONBLOCK | SOCK_CLOEXEC`. The
+/// accepted socket inherits the listener's `TCP_NODELAY`; the caller registers it (after reading
+/// what the client already sent, so that no readiness event is queued for those bytes).
 pub(super) fn poll_accept(
     listener: &Listener,
     cx: &mut Context<'_>,
-) -> Poll<io::Result<(Stream, SocketAddr)>> {
+) -> Poll<io::Result<(std::net::TcpStream, SocketAddr)>> {
     loop {
         let mut guard = ready!(listener.poll_read_ready(cx))?;
         if let Ok(accepted) = guard.try_io(|l| accept(l.get_ref())) {
-            return Poll::Ready(accepted.and_then(|(s, peer)| Ok((sys::register(s)?, peer))));
+            return Poll::Ready(accepted);
         }
         // `try_io` cleared the readiness on EAGAIN: wait for the next connection.
     }
@@ -71,18 +73,33 @@ pub(super) fn socket(addr: SocketAddr, from: Option<IpAddr>) -> io::Result<Socke
     Ok(socket)
 }
 
-/// Connects `socket` (from [`socket`]) to `addr`.
+/// Connects `socket` (from [`socket`]) to `addr`. With `early` (the client's socket and its
+/// [`Early`] bytes), the client's first bytes are sent as soon as `connect(2)` returns (see
+/// [`relay::send_early`]); the second value is how that went: `Some(true)` when the send found the
+/// handshake done, `Some(false)` when it did not, `None` when nothing was sent.
 ///
-/// The connect counts as done when the socket turns writable. Only when epoll also reported a
-/// hang-up (refused, unreachable, timed out) is `SO_ERROR` read for the reason, so a successful
-/// connect costs no `getsockopt`.
-pub(super) async fn connect(socket: Socket, addr: SocketAddr) -> io::Result<Stream> {
+/// Otherwise the connect counts as done when the socket turns writable. Only when epoll also
+/// reported a hang-up (refused, unreachable, timed out) is `SO_ERROR` read for the reason, so a
+/// successful connect costs no `getsockopt`.
+pub(super) async fn connect(
+    socket: Socket,
+    addr: SocketAddr,
+    early: Option<(&std::net::TcpStream, &mut Early)>,
+) -> io::Result<(Stream, Option<bool>)> {
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(e),
     }
-    let stream = sys::register(std::net::TcpStream::from(socket))?;
+    let socket = std::net::TcpStream::from(socket);
+    let sent = match early {
+        Some((client, early)) => relay::send_early(client, &socket, early)?,
+        None => None,
+    };
+    let stream = sys::register(socket)?;
+    if sent == Some(true) {
+        return Ok((stream, sent));
+    }
     let failed = poll_fn(|cx| stream.poll_write_ready(cx)).await?.ready().is_write_closed();
     if failed {
         // Closed before it was used: the reason, or (none recorded) an abort.
@@ -91,7 +108,7 @@ pub(super) async fn connect(socket: Socket, addr: SocketAddr) -> io::Result<Stre
             .take_error()?
             .unwrap_or_else(|| io::ErrorKind::ConnectionAborted.into()));
     }
-    Ok(stream)
+    Ok((stream, sent))
 }
 
 /// Binds `socket` to the (possibly non-local) `ip` with `IP_TRANSPARENT` and a kernel-chosen port.
