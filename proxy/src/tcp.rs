@@ -10,8 +10,9 @@
 //! done by then, so the request leaves one event-loop round trip sooner and the backend finds it
 //! queued with the connection (it need not sleep between its accept and its read). Endpoints whose
 //! connects do not complete at once are tried only now and then
-//! ([`ferry_lb::EndpointState::send_early`]). The client is registered with the reactor only
-//! afterwards, so epoll reports nothing for the bytes already read.
+//! ([`ferry_lb::EndpointState::send_early`]). With an early send the client is registered with
+//! the reactor only afterwards, so epoll reports nothing for the bytes already read; without one it
+//! is registered before the connect, so its readiness is known when the connect completes.
 //!
 //! Relay semantics:
 //! - EOF from one side -> `shutdown(Write)` on the other; the other direction keeps flowing.
@@ -116,8 +117,8 @@ impl Drop for Active<'_> {
     }
 }
 
-/// An accepted client: registered with the reactor only when it has to wait for one (a held
-/// connection), or once its upstream connection exists (see the module docs: early send).
+/// An accepted client: registered with the reactor before the upstream connect, unless its first
+/// bytes are to be sent early (see the module docs); then once its upstream connection exists.
 enum Client {
     Accepted(std::net::TcpStream),
     Registered(Stream),
@@ -145,7 +146,7 @@ async fn handle(client: std::net::TcpStream, peer: SocketAddr, state: Arc<Listen
     // TCP_NODELAY is inherited from the listening socket (see `manager::bind`).
 
     let upstreams = state.upstreams();
-    let (client, upstreams) = if matches!(upstreams.route(peer.ip()), Route::Pool(_)) {
+    let (mut client, upstreams) = if matches!(upstreams.route(peer.ip()), Route::Pool(_)) {
         (Client::Accepted(client), upstreams)
     } else {
         drop(upstreams);
@@ -182,8 +183,18 @@ async fn handle(client: std::net::TcpStream, peer: SocketAddr, state: Arc<Listen
         let addr = lease.addr();
         tried[n] = addr;
         n += 1;
-        let early =
-            (!proxy_protocol && lease.endpoint().send_early()).then_some((client.socket(), &mut early));
+        let send_early = !proxy_protocol && lease.endpoint().send_early();
+        if !send_early && matches!(client, Client::Accepted(_)) {
+            // Register now, so the client's readiness is known by the time the connect is.
+            client = match client.register() {
+                Ok(client) => Client::Registered(client),
+                Err(error) => {
+                    tracing::warn!(listener = %state.name(), client = %peer, %error, "closing client");
+                    return;
+                }
+            };
+        }
+        let early = send_early.then_some((client.socket(), &mut early));
         let error = match tokio::time::timeout(timeouts.connect, connect(addr, source, &state, early)).await {
             Ok(Ok((server, sent))) => {
                 if let Some(complete) = sent {
