@@ -38,8 +38,9 @@ pub fn listener(socket: Socket) -> io::Result<Listener> {
 }
 
 /// Accepts one connection on `listener`: `accept4` with `SOCK_NONBLOCK | SOCK_CLOEXEC`. The
-/// accepted socket inherits the listener's `TCP_NODELAY`; the caller registers it (after reading
-/// what the client already sent, so that no readiness event is queued for those bytes).
+/// accepted socket inherits the listener's `TCP_NODELAY`. The caller registers it: before the
+/// upstream connect, or after an early send has read what the client had sent (so that no
+/// readiness event is queued for those bytes; see `tcp`'s module docs).
 pub(super) fn poll_accept(
     listener: &Listener,
     cx: &mut Context<'_>,
