@@ -416,17 +416,26 @@ mod tests {
         got
     }
 
+    /// Connects to a new local listener, sending `accepted`'s queued bytes early: the listener,
+    /// the upstream stream, how the early send went, and what was kept.
+    async fn connect_early(
+        accepted: &std::net::TcpStream,
+    ) -> (tokio::net::TcpListener, Stream, Option<bool>, relay::Early) {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let mut early = relay::Early::default();
+        let socket = stream::socket(addr, None).expect("socket");
+        let (up, sent) =
+            stream::connect(socket, addr, Some((accepted, &mut early))).await.expect("connected");
+        (server, up, sent, early)
+    }
+
     /// The client's first bytes go upstream as `connect(2)` returns: on loopback the handshake is
     /// done by then, so the send is accepted whole and nothing is kept for the relay.
     #[tokio::test]
     async fn early_send_passes_first_bytes_at_once() {
         let (_client, accepted) = spoken(b"GET / HTTP/1.1\r\n\r\n");
-        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = server.local_addr().expect("addr");
-        let mut early = relay::Early::default();
-        let socket = stream::socket(addr, None).expect("socket");
-        let (_up, sent) =
-            stream::connect(socket, addr, Some((&accepted, &mut early))).await.expect("connected");
+        let (server, _up, sent, early) = connect_early(&accepted).await;
         assert_eq!(sent, Some(true), "the handshake was done when connect returned");
         assert!(early.pending().is_empty());
         assert_eq!(read_exactly(&server, 18).await, b"GET / HTTP/1.1\r\n\r\n");
@@ -494,12 +503,7 @@ mod tests {
             .expect("reset in time")
             .expect("readable");
         let accepted = accepted.into_std().expect("deregister");
-        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = server.local_addr().expect("addr");
-        let mut early = relay::Early::default();
-        let socket = stream::socket(addr, None).expect("socket");
-        let (_up, sent) =
-            stream::connect(socket, addr, Some((&accepted, &mut early))).await.expect("connected");
+        let (_server, _up, sent, early) = connect_early(&accepted).await;
         assert_eq!(sent, None, "nothing was sent");
         assert_eq!(early.client_failed().map(io::Error::kind), Some(io::ErrorKind::ConnectionReset));
     }
