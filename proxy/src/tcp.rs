@@ -150,13 +150,7 @@ async fn handle(client: std::net::TcpStream, peer: SocketAddr, state: Arc<Listen
         (Client::Accepted(client), upstreams)
     } else {
         drop(upstreams);
-        let client = match crate::sys::register(client) {
-            Ok(client) => client,
-            Err(error) => {
-                tracing::warn!(listener = %state.name(), client = %peer, %error, "closing client");
-                return;
-            }
-        };
+        let Some(client) = registered(Client::Accepted(client), peer, &state) else { return };
         let Some(upstreams) = routed(&client, peer, &state).await else { return };
         (Client::Registered(client), upstreams)
     };
@@ -186,13 +180,8 @@ async fn handle(client: std::net::TcpStream, peer: SocketAddr, state: Arc<Listen
         let send_early = !proxy_protocol && lease.endpoint().send_early();
         if !send_early && matches!(client, Client::Accepted(_)) {
             // Register now, so the client's readiness is known by the time the connect is.
-            client = match client.register() {
-                Ok(client) => Client::Registered(client),
-                Err(error) => {
-                    tracing::warn!(listener = %state.name(), client = %peer, %error, "closing client");
-                    return;
-                }
-            };
+            let Some(registered) = registered(client, peer, &state) else { return };
+            client = Client::Registered(registered);
         }
         let early = send_early.then_some((client.socket(), &mut early));
         let error = match tokio::time::timeout(timeouts.connect, connect(addr, source, &state, early)).await {
@@ -221,13 +210,9 @@ async fn handle(client: std::net::TcpStream, peer: SocketAddr, state: Arc<Listen
         relay::reset(&server);
         return;
     }
-    let client = match client.register() {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::warn!(listener = %state.name(), client = %peer, %error, "closing client");
-            relay::reset(&server);
-            return;
-        }
+    let Some(client) = registered(client, peer, &state) else {
+        relay::reset(&server);
+        return;
     };
     let drain = upstreams.drain_token(lease.addr()).unwrap_or(state.drain_token()).clone();
     // Do not keep the whole pool alive for the connection's lifetime.
@@ -254,6 +239,16 @@ async fn handle(client: std::net::TcpStream, peer: SocketAddr, state: Arc<Listen
             tracing::debug!(listener = %state.name(), client = %peer, endpoint = %lease.addr(), "drained");
         }
     }
+}
+
+/// `client` registered with the reactor; `None` (logged, and the client closed) when that fails.
+fn registered(client: Client, peer: SocketAddr, state: &ListenerState) -> Option<Stream> {
+    client
+        .register()
+        .inspect_err(
+            |error| tracing::warn!(listener = %state.name(), client = %peer, %error, "closing client"),
+        )
+        .ok()
 }
 
 /// Connects to `addr`; from `source`'s IP (`IP_TRANSPARENT`, kernel-chosen port) when given and

@@ -29,9 +29,9 @@
 //! - The first read or write error ends the relay with that error, naming the failed side.
 //! - A pipe goes back to the thread's cache only when it is known to be empty.
 //! - What the client sent before the upstream connection existed ([`Early`]) is written upstream
-//!   before anything else the client sends: [`send_early`] reads it (once, on the first connect
-//!   attempt) and sends it as soon as `connect(2)` returns; what that send did not take is the
-//!   first thing the relay writes.
+//!   before anything else the client sends: [`send_early`] reads it (unless an earlier connect
+//!   attempt already holds some) and sends it as soon as `connect(2)` returns; what that send did
+//!   not take is the first thing the relay writes.
 
 use std::{
     future::{Future as _, poll_fn},
@@ -431,10 +431,8 @@ impl Drop for Half {
 pub(super) struct Early {
     /// Read from the client and not yet written upstream.
     data: Vec<u8>,
-    /// Bytes read from the client so far (0: not read yet).
+    /// Bytes read from the client (0: none yet).
     read: usize,
-    /// The client was read from (once is enough: the relay reads the rest).
-    tried: bool,
     /// Reading the client failed (it reset): the connection must end with resets.
     client_failed: Option<io::Error>,
 }
@@ -452,9 +450,9 @@ impl Early {
     }
 }
 
-/// Passes the client's first bytes to `to`, a socket whose `connect(2)` has just returned: on the
-/// first attempt what `client` has queued (read without waiting, into the scratch buffer, so
-/// nothing is allocated when the send takes it all), on a later attempt what an earlier one kept.
+/// Passes the client's first bytes to `to`, a socket whose `connect(2)` has just returned: what an
+/// earlier attempt kept, or else what `client` has queued (read without waiting, into the scratch
+/// buffer, so nothing is allocated when the send takes it all).
 ///
 /// Returns `Some(true)` when the send was accepted (the handshake was done), `Some(false)` when it
 /// found the connect still in progress (the bytes stay in `early` for the relay), and `None` when
@@ -474,9 +472,6 @@ pub(super) fn send_early(
         let (n, complete) = sent(send(to, &early.data, false))?;
         early.data.drain(..n);
         return Ok(complete);
-    }
-    if std::mem::replace(&mut early.tried, true) {
-        return Ok(None);
     }
     SCRATCH.with_borrow_mut(|buf| {
         let got = match recv(client, buf) {
@@ -541,18 +536,8 @@ mod tests {
 
     /// Runs the relay between the proxy's two sockets next to `ends` (what the client and the
     /// server do), then closes the sockets as `handle` does: with the resets the outcome arms.
+    /// `early` holds bytes already read from the client and not yet sent (usually none).
     async fn relayed<T>(
-        pc: Stream,
-        ps: Stream,
-        zero_copy: bool,
-        drain: &CancellationToken,
-        ends: impl Future<Output = T>,
-    ) -> (Outcome, T) {
-        relayed_after(Early::default(), pc, ps, zero_copy, drain, ends).await
-    }
-
-    /// [`relayed`] with `early` bytes already read from the client and not yet sent.
-    async fn relayed_after<T>(
         early: Early,
         pc: Stream,
         ps: Stream,
@@ -594,7 +579,8 @@ mod tests {
             client.read_to_end(&mut back).await.expect("client reads reply");
             (got, back)
         };
-        let (outcome, (got, back)) = relayed(pc, ps, zero_copy, &CancellationToken::new(), ends).await;
+        let (outcome, (got, back)) =
+            relayed(Early::default(), pc, ps, zero_copy, &CancellationToken::new(), ends).await;
         let Outcome::Closed(from_client, to_client) = outcome else { panic!("relay did not close cleanly") };
         assert_eq!((from_client, to_client), (payload.len() as u64, 15));
         assert!(got == payload);
@@ -606,7 +592,7 @@ mod tests {
     #[tokio::test]
     async fn early_bytes_go_first() {
         let (mut client, pc, ps, mut server) = pairs().await;
-        let early = Early { data: b"early ".to_vec(), read: 6, tried: true, client_failed: None };
+        let early = Early { data: b"early ".to_vec(), read: 6, client_failed: None };
         let ends = async {
             client.write_all(b"late").await.expect("write");
             client.shutdown().await.expect("half-close");
@@ -615,7 +601,7 @@ mod tests {
             server.shutdown().await.expect("close");
             got
         };
-        let (outcome, got) = relayed_after(early, pc, ps, false, &CancellationToken::new(), ends).await;
+        let (outcome, got) = relayed(early, pc, ps, false, &CancellationToken::new(), ends).await;
         assert_eq!(got, b"early late");
         assert!(matches!(outcome, Outcome::Closed(10, 0)), "6 early bytes and 4 later ones from the client");
     }
@@ -660,7 +646,7 @@ mod tests {
             drop(client);
             drop(server);
         };
-        let (outcome, ()) = relayed(pc, ps, true, &CancellationToken::new(), rounds).await;
+        let (outcome, ()) = relayed(Early::default(), pc, ps, true, &CancellationToken::new(), rounds).await;
         assert!(matches!(outcome, Outcome::Closed(..)), "both ends closed with FIN");
     }
 
@@ -685,7 +671,8 @@ mod tests {
                 server.read_to_end(&mut rest).await.expect("server sees the client's FIN");
                 (back, rest)
             };
-            let (outcome, (back, rest)) = relayed(pc, ps, false, &CancellationToken::new(), ends).await;
+            let (outcome, (back, rest)) =
+                relayed(Early::default(), pc, ps, false, &CancellationToken::new(), ends).await;
             assert!(back == answer, "the answer of {size} bytes arrived intact");
             assert!(rest.is_empty());
             assert!(matches!(outcome, Outcome::Closed(7, n) if n == size as u64));
@@ -701,7 +688,7 @@ mod tests {
         SockRef::from(&server).set_linger(Some(Duration::ZERO)).expect("linger");
         drop(server);
         let (outcome, (got, end)) =
-            relayed(pc, ps, false, &CancellationToken::new(), read_all(&mut client)).await;
+            relayed(Early::default(), pc, ps, false, &CancellationToken::new(), read_all(&mut client)).await;
         assert!(matches!(outcome, Outcome::Failed(Error::Upstream(_))), "upstream failure");
         assert_eq!(end.expect_err("a reset, not EOF").kind(), io::ErrorKind::ConnectionReset);
         assert!(got.is_empty() || got == b"partial", "no other bytes: {got:?}");
@@ -717,7 +704,8 @@ mod tests {
             drop(server);
             read_all(&mut client).await
         };
-        let (outcome, (got, end)) = relayed(pc, ps, false, &CancellationToken::new(), ends).await;
+        let (outcome, (got, end)) =
+            relayed(Early::default(), pc, ps, false, &CancellationToken::new(), ends).await;
         assert!(matches!(outcome, Outcome::Failed(Error::Upstream(_))), "upstream failure");
         assert!(got.is_empty());
         assert_eq!(end.expect_err("a reset, not EOF").kind(), io::ErrorKind::ConnectionReset);
@@ -735,7 +723,8 @@ mod tests {
             drain.cancel();
             (read_all(&mut client).await.1, read_all(&mut server).await.1)
         };
-        let (outcome, (client_end, server_end)) = relayed(pc, ps, false, &drain, cancel).await;
+        let (outcome, (client_end, server_end)) =
+            relayed(Early::default(), pc, ps, false, &drain, cancel).await;
         assert!(matches!(outcome, Outcome::Drained));
         assert_eq!(client_end.expect_err("client reset").kind(), io::ErrorKind::ConnectionReset);
         assert_eq!(server_end.expect_err("server reset").kind(), io::ErrorKind::ConnectionReset);
