@@ -518,7 +518,11 @@ async fn local_policy_without_local_endpoints_drops_udp() {
     assert!(tokio::time::timeout(Duration::from_millis(300), outside.recv(&mut buf)).await.is_err());
 }
 
-#[tokio::test]
+/// The header goes first even when the client's bytes are already queued at the accept, which
+/// is when an early send (see `tcp::handle`) would otherwise pass them upstream at once: the test
+/// runtime has one thread, so Ferry's accept loop runs only once the blocking connect, write and
+/// half-close below are done.
+#[tokio::test(flavor = "current_thread")]
 async fn proxy_protocol_v2_header_reaches_the_endpoint() {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let backend = l.local_addr().expect("addr");
@@ -537,10 +541,15 @@ async fn proxy_protocol_v2_header_reaches_the_endpoint() {
     svc.metadata.annotations =
         Some([("ferry.ethercluster.io/proxy-protocol".to_owned(), "v2".to_owned())].into());
     node.apply(&svc, &slices("pp", "tcp", "TCP", &[(backend, OTHER, true)]), &[]);
-    let mut s = connect_from("127.77.9.3", sa("127.77.9.10:18080")).await.expect("connect");
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.bind(&sa("127.77.9.3:0").into()).expect("bind");
+    s.connect(&sa("127.77.9.10:18080").into()).expect("connect (the kernel completes it)");
+    let mut s = std::net::TcpStream::from(s);
+    std::io::Write::write_all(&mut s, b"payload").expect("write");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    s.set_nonblocking(true).expect("non-blocking");
+    let mut s = TcpStream::from_std(s).expect("register");
     let client = s.local_addr().expect("addr");
-    s.write_all(b"payload").await.expect("write");
-    s.shutdown().await.expect("half-close");
     let mut out = Vec::new();
     tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await.expect("in time").expect("read");
     assert_eq!(out, b"ok");
