@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use ferry_proxy::Workers;
 use ferry_watch::{
     ClientConfig, FileSource, FileSourceOptions, KubeSource, KubeSourceOptions, ReloadHandle, Snapshots,
 };
@@ -41,6 +42,18 @@ pub(crate) fn runtime(args: &RunArgs) -> anyhow::Result<tokio::runtime::Runtime>
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.thread_name("ferry-worker").enable_all().build().context("starting the async runtime")
+}
+
+/// The data-plane threads that serve TCP listeners ([`Workers`]): `--worker-threads` of them (by
+/// default one per CPU), or none with one thread, where the current-thread runtime serves
+/// everything. They stop when the manager holding them is dropped, after its drain.
+pub(crate) fn workers(args: &RunArgs) -> anyhow::Result<Option<Workers>> {
+    let n =
+        args.worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    if n <= 1 {
+        return Ok(None);
+    }
+    Workers::start(n).map(Some).context("starting the data-plane threads")
 }
 
 /// Where the desired state comes from.

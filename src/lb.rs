@@ -34,8 +34,11 @@ async fn serve(args: LbArgs) -> anyhow::Result<()> {
 
     // Bind the first snapshot's listeners before declaring readiness; at startup a frontend that
     // cannot be bound is a configuration error, so exit and say which.
-    let mut manager =
-        Manager::new(ProxyConfig { drain_timeout: args.run.drain_timeout, ..ProxyConfig::default() });
+    let mut manager = Manager::new(ProxyConfig {
+        drain_timeout: args.run.drain_timeout,
+        workers: daemon::workers(&args.run)?,
+        ..ProxyConfig::default()
+    });
     let snapshot = daemon.snapshots.current();
     let errors = manager.apply(&snapshot);
     if !errors.is_empty() {

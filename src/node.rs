@@ -102,8 +102,12 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         Some(service) => Arc::new(crate::dns::WithoutService { inner: filter, service: service.clone() }),
         None => Arc::new(filter),
     };
-    let manager =
-        Manager::new(ProxyConfig { drain_timeout: args.run.drain_timeout, filter, ..ProxyConfig::default() });
+    let manager = Manager::new(ProxyConfig {
+        drain_timeout: args.run.drain_timeout,
+        filter,
+        workers: daemon::workers(&args.run)?,
+        ..ProxyConfig::default()
+    });
 
     // kube-proxy's health surface: the node server on :10256 and one server per healthCheckNodePort.
     let families = [IpFamily::V4, IpFamily::V6];

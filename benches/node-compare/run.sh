@@ -43,6 +43,8 @@
 #   FERRY_BUILT_FROM  free text for the report header (e.g. the commit FERRY_BIN was built from)
 #   IPTABLES_RESTORE [iptables-restore]  (iptables-legacy-restore for x_tables)
 #   OUT [mktemp -d /tmp/nodebench.XXXXXX]  PIN [split] CPU_LOAD [0] CPU_NODE [1] WARMUP [1]
+#   PROXY_THREADS [1]  HAProxy nbthread, nginx worker_processes and ferry --worker-threads (the
+#     backends keep one worker); more than 1 only makes sense with PIN=none
 #   QUIET_PCT [15] QUIET_SECS [2] QUIET_MAX [10] (per cell) QUIET_BUDGET [60] (whole run, seconds)
 #   FOREIGN_MAX [8] FOREIGN_KPPS [5] RETRIES [1] RETRY_UNTIL [200]
 #   DIAG [""]  diagnostics per cell, in raw/: "switches" = context switches per command name
@@ -66,6 +68,7 @@ PIN=${PIN:-split}
 CPU_LOAD=${CPU_LOAD:-0}
 CPU_NODE=${CPU_NODE:-1}
 WARMUP=${WARMUP:-1}
+PROXY_THREADS=${PROXY_THREADS:-1}
 DIAG=${DIAG:-}
 QUIET_PCT=${QUIET_PCT:-15}
 QUIET_SECS=${QUIET_SECS:-2}
@@ -555,7 +558,7 @@ EOF
 write_proxy_configs() {
   cat >"$W/haproxy.cfg" <<EOF
 global
-  nbthread 1
+  nbthread $PROXY_THREADS
   maxconn $MAXCONN
 
 defaults
@@ -581,7 +584,7 @@ EOF
 load_module $STREAM_MOD;
 user root;
 daemon off;
-worker_processes 1;
+worker_processes $PROXY_THREADS;
 pid $n/nginx.pid;
 error_log $n/error.log warn;
 worker_rlimit_nofile $NOFILE;
@@ -700,7 +703,7 @@ start_contender() {
   ferry)
     "${ND[@]}" env FERRY_LOG="$FERRY_LOG" RUST_LOG="$FERRY_LOG" "${TS_NODE[@]}" "$FERRY_BIN" node --config "$W/ferry" \
       --node-name nd --vip-device ferry0 --nodeport-addresses 10.10.1.1/32 --cluster-cidr "$CLUSTER_CIDR" \
-      --worker-threads 1 --admin-address 127.0.0.1:0 --metrics-bind-address 127.0.0.1:0 \
+      --worker-threads "$PROXY_THREADS" --admin-address 127.0.0.1:0 --metrics-bind-address 127.0.0.1:0 \
       --healthz-bind-address 127.0.0.1:0 --drain-timeout 1s ${FERRY_ARGS:-} >>"$OUT/raw/ferry.log" 2>&1 &
     pid=$!
     ;;
@@ -1024,7 +1027,7 @@ git_rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)
 git_dirty=$(git -C "$REPO" status --porcelain 2>/dev/null | wc -l)
 ((git_dirty > 0)) || git_dirty=
 {
-  echo "ClusterIP path in network namespaces, $(date -u +%Y-%m-%dT%H:%MZ), kernel $(uname -r), ${NCPU} CPUs, PIN=$PIN"
+  echo "ClusterIP path in network namespaces, $(date -u +%Y-%m-%dT%H:%MZ), kernel $(uname -r), ${NCPU} CPUs, PIN=$PIN, proxies with $PROXY_THREADS thread(s)"
   echo "(node = CPU$CPU_NODE, client + backends = CPU$CPU_LOAD), DUR=${DUR}s × ROUNDS=$ROUNDS (median); run took ${ELAPSED}s."
   echo "ferry: ${ferry_ver:-?} ($FERRY_BIN${FERRY_BUILT_FROM:+, built from $FERRY_BUILT_FROM}; script from repo ${git_rev:-?}${git_dirty:+ + $git_dirty uncommitted files});" \
     "$(haproxy -v | head -1 | cut -d' ' -f1-3); nginx $(nginx -v 2>&1 | cut -d/ -f2); $($IPTABLES_RESTORE --version 2>&1 | head -1); $(nft --version)"

@@ -7,6 +7,8 @@
 //! - [`Manager`]: binds/updates/closes listeners as snapshots change ([`manager`]).
 //! - [`tcp::serve`] / [`udp::serve`]: one already-bound socket and its [`ListenerState`]
 //!   (mini-redis style: tests bind `127.0.0.1:0` themselves).
+//! - [`Workers`]: optional data-plane threads, one current-thread runtime each, that run the
+//!   TCP listeners (one `SO_REUSEPORT` socket per thread) and their connections.
 //! - `sys`: the only unsafe code (`splice(2)`, `IP_PKTINFO`, registering std sockets with the
 //!   reactor).
 
@@ -20,6 +22,7 @@ mod state;
 mod sys;
 pub mod tcp;
 pub mod udp;
+mod workers;
 
 use std::{sync::Arc, time::Duration};
 
@@ -32,6 +35,7 @@ pub use crate::{
     manager::{Binding, FrontendFilter, InternalRoute, ListenerFrontends, Manager},
     node::{NodeConfig, NodeFrontends},
     state::{Hold, ListenerState, Route, Routes, Upstreams},
+    workers::Workers,
 };
 
 /// Data-plane settings.
@@ -43,6 +47,9 @@ pub struct ProxyConfig {
     pub max_udp_flows: usize,
     /// Which frontends this process serves.
     pub filter: Arc<dyn FrontendFilter>,
+    /// Data-plane threads for TCP listeners (see [`Workers`]); `None`: TCP is served on the
+    /// runtime that runs the [`Manager`].
+    pub workers: Option<Workers>,
 }
 
 impl Default for ProxyConfig {
@@ -51,6 +58,7 @@ impl Default for ProxyConfig {
             drain_timeout: Duration::from_secs(30),
             max_udp_flows: udp::DEFAULT_MAX_FLOWS,
             filter: Arc::new(ListenerFrontends),
+            workers: None,
         }
     }
 }

@@ -29,6 +29,10 @@
 //! Active health checks ([`Checks`]) follow the running listeners' pools: probes start for new
 //! endpoints, stop for removed ones, and restart when a port's check configuration changes.
 //!
+//! A TCP listener runs on the manager's runtime, or with [`Workers`](crate::Workers) in the
+//! config as one socket per worker (one `SO_REUSEPORT` group), each accepting on its worker; a
+//! UDP listener always runs on the manager's runtime. Either way it is one [`Running`] entry.
+//!
 //! Token tree: `force` (cancelled at the end of shutdown) -> one `drain` token per listener ->
 //! one token per endpoint. A connection waits on its endpoint's token only.
 
@@ -52,7 +56,7 @@ use crate::{
     ProxyConfig,
     error::Error,
     state::{Hold, ListenerState, Routes, Upstreams},
-    tcp, udp,
+    tcp, udp, workers,
 };
 
 /// Backlog of TCP frontend sockets.
@@ -61,14 +65,6 @@ const BACKLOG: i32 = 1024;
 const BIND_RETRY: Duration = Duration::from_secs(2);
 /// How long force-closed connections get to finish their cleanup at shutdown.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
-/// Period of the idle timer that runs while the manager has TCP listeners.
-///
-/// Tokio wakes its driver through an eventfd whenever a timer is armed to fire before the
-/// driver's next planned wake-up. Every proxied TCP connection arms one (its connect timeout,
-/// 1 s by default), and with no earlier timer pending each arming costs a `write(2)` and an extra
-/// `epoll_wait` return. A timer that fires this often keeps the planned wake-up ahead of those
-/// deadlines, for 4 wake-ups a second.
-const TIMER_TICK: Duration = Duration::from_millis(250);
 
 /// Sources and the endpoint set they use instead of [`Binding::endpoints`].
 pub type InternalRoute = (Arc<[IpNet]>, Arc<[Endpoint]>);
@@ -208,16 +204,9 @@ pub struct Manager {
     last: Option<imbl::OrdMap<FrontendKey, Arc<ServicePort>>>,
     /// Active health probes of every running listener's endpoints.
     checks: Checks,
-    /// The [`TIMER_TICK`] task, started with the first TCP listener, aborted on drop.
+    /// The idle timer ([`workers::TIMER_TICK`]) of the manager's own runtime, started with the
+    /// first TCP listener served there (without workers), aborted on drop.
     tick: std::sync::OnceLock<tokio_util::task::AbortOnDropHandle<()>>,
-}
-
-/// Fires every [`TIMER_TICK`], doing nothing else.
-async fn tick() {
-    let mut tick = tokio::time::interval(TIMER_TICK);
-    loop {
-        tick.tick().await;
-    }
 }
 
 /// A listener the sync wants: its key, the port it serves and how.
@@ -485,17 +474,51 @@ impl Manager {
         let stop = CancellationToken::new();
         let spawned = match protocol {
             Protocol::Udp => UdpSocket::from_std(socket.into()).map(|s| {
-                state.tasks.spawn(udp::serve(s, state.clone(), self.config.max_udp_flows, stop.clone()))
+                state.tasks.spawn(udp::serve(s, state.clone(), self.config.max_udp_flows, stop.clone()));
             }),
-            _ => tcp::listener(socket).map(|l| {
-                self.tick.get_or_init(|| tokio_util::task::AbortOnDropHandle::new(tokio::spawn(tick())));
-                state.tasks.spawn(tcp::serve(l, state.clone(), stop.clone()))
-            }),
+            _ => self.serve_tcp(socket, local, binding.freebind, &state, &stop),
         };
         if let Err(source) = spawned {
             return Err((state.name().to_string(), Error::Bind { addr, source }));
         }
         Ok(Running { port, binding, state, stop, local })
+    }
+
+    /// Serves TCP on `socket` (bound to `local`): on this runtime, or with workers on each of
+    /// them, through one more socket per further worker in `socket`'s `SO_REUSEPORT` group
+    /// (bound to `local`, so a port-0 bind gives one port). All sockets are bound and registered
+    /// before any accept loop starts, so a failure leaves nothing running.
+    fn serve_tcp(
+        &self,
+        socket: Socket,
+        local: SocketAddr,
+        freebind: bool,
+        state: &Arc<ListenerState>,
+        stop: &CancellationToken,
+    ) -> io::Result<()> {
+        let Some(workers) = &self.config.workers else {
+            let listener = tcp::listener(socket)?;
+            self.tick.get_or_init(|| tokio_util::task::AbortOnDropHandle::new(tokio::spawn(workers::tick())));
+            state.tasks.spawn(tcp::serve(listener, state.clone(), stop.clone()));
+            return Ok(());
+        };
+        let mut sockets = vec![socket];
+        for _ in 1..workers.len() {
+            sockets.push(bind(Protocol::Tcp, local, freebind)?);
+        }
+        let listeners = sockets
+            .into_iter()
+            .zip(workers.handles())
+            .map(|(socket, runtime)| {
+                // Registered with the reactor of the worker that accepts on it.
+                let _entered = runtime.enter();
+                tcp::listener(socket).map(|l| (l, runtime))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        for (listener, runtime) in listeners {
+            state.tasks.spawn_on(tcp::serve(listener, state.clone(), stop.clone()), runtime);
+        }
+        Ok(())
     }
 
     /// Stops accepting on `r`; its connections get the drain timeout to finish.

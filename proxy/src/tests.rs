@@ -268,6 +268,66 @@ async fn snapshot_change_keeps_established_connections() {
     echo_roundtrip(&mut s, b"three").await;
 }
 
+/// Listening TCP sockets on 127.0.0.1 at `port`, from `/proc/net/tcp` (state `0A`, LISTEN).
+fn listening_sockets(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A")
+        })
+        .count()
+}
+
+/// With two data-plane workers a TCP listener is two sockets on one port (one `SO_REUSEPORT`
+/// group), and each worker accepts on its own. The kernel hashes each new connection to one of
+/// the two, so if either worker did not accept, about half of these connections would go
+/// unanswered. The test's own runtime has one thread and only runs the backend: the
+/// connections are served on the workers. Removing the listener closes both sockets, and the
+/// open connections keep working on their workers.
+#[tokio::test]
+async fn workers_each_accept_on_their_own_socket() {
+    let (a, _ta) = echo_backend().await;
+    let workers = crate::Workers::start(2).expect("workers");
+    let mut h = Harness {
+        index: Index::new(None),
+        mgr: Manager::new(ProxyConfig {
+            drain_timeout: DEADLINE,
+            workers: Some(workers),
+            ..ProxyConfig::default()
+        }),
+    };
+    let l = listener("web", "127.0.0.1:0", Protocol::Tcp, &[a]);
+    let key = l.key.clone();
+    h.set(l);
+    let proxy = h.addr(Protocol::Tcp, "127.0.0.1:0");
+    assert_eq!(listening_sockets(proxy.port()), 2, "one socket per worker");
+    let mut open = Vec::new();
+    for i in 0..32u8 {
+        let mut s = TcpStream::connect(proxy).await.expect("connect");
+        echo_roundtrip(&mut s, &[b'a' + i % 26; 3]).await;
+        open.push(s);
+    }
+    h.index.delete_listener(&key);
+    h.apply();
+    // Each worker closes its socket when its accept loop sees the stop.
+    let start = Instant::now();
+    while listening_sockets(proxy.port()) > 0 {
+        assert!(start.elapsed() < DEADLINE, "both sockets closed");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        TcpStream::connect(proxy).await.map_err(|e| e.kind()).err(),
+        Some(io::ErrorKind::ConnectionRefused)
+    );
+    for s in &mut open {
+        echo_roundtrip(s, b"still served").await;
+    }
+}
+
 #[tokio::test]
 async fn removed_listener_closes_but_connections_continue() {
     let (a, _ta) = echo_backend().await;
