@@ -5,9 +5,10 @@
 //! connections it accepted to their end on its own reactor. The kernel spreads new connections
 //! over the group by a hash of their addresses. So a connection never changes threads, and no
 //! thread wakes another for it: tokio's work-stealing scheduler, by contrast, runs a woken task on
-//! whichever thread polled the reactor, and an idle thread steals from a busy one (measured in
-//! `benches/README.md`: with 2 threads it was slower than one). This is how HAProxy and nginx run
-//! their threads and workers.
+//! whichever thread polled the reactor, and an idle thread steals from a busy one (with 2 threads
+//! it made 6-10 % fewer new connections per second than HAProxy and nginx; per-thread runtimes
+//! made 0-10 % more, `benches/README.md`). This is how HAProxy and nginx run their threads and
+//! workers.
 //!
 //! UDP listeners, health checks and the control plane stay on the runtime that drives the
 //! manager. Without workers (`--worker-threads 1`) TCP listeners run there too.
