@@ -31,7 +31,7 @@
 //!
 //! A TCP listener runs on the manager's runtime, or with [`Workers`](crate::Workers) in the
 //! config as one socket per worker (one `SO_REUSEPORT` group), each accepting on its worker; a
-//! UDP listener always runs on the manager's runtime. Either way it is one [`Running`] entry.
+//! UDP listener always runs on the manager's runtime. Either way it is one `Running` entry.
 //!
 //! Token tree: `force` (cancelled at the end of shutdown) -> one `drain` token per listener ->
 //! one token per endpoint. A connection waits on its endpoint's token only.
