@@ -20,6 +20,7 @@ pub(crate) fn run(args: LbArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: LbArgs) -> anyhow::Result<()> {
+    let workers = daemon::workers(&args.run)?;
     let metrics = telemetry::init_metrics()?;
     let Some(daemon) = Daemon::start(
         Source::Files { dir: args.config.clone(), node: None, proxy_name: None },
@@ -36,7 +37,7 @@ async fn serve(args: LbArgs) -> anyhow::Result<()> {
     // cannot be bound is a configuration error, so exit and say which.
     let mut manager = Manager::new(ProxyConfig {
         drain_timeout: args.run.drain_timeout,
-        workers: daemon::workers(&args.run)?,
+        workers,
         ..ProxyConfig::default()
     });
     let snapshot = daemon.snapshots.current();

@@ -75,6 +75,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
             all_services: args.dns_listen.is_some() || args.dns_service.is_some(),
         }),
     };
+    let workers = daemon::workers(&args.run)?;
     let metrics = telemetry::init_metrics()?;
     let Some(daemon) = Daemon::start(source, &args.run, metrics, &[args.metrics_bind_address]).await? else {
         return Ok(());
@@ -105,7 +106,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     let manager = Manager::new(ProxyConfig {
         drain_timeout: args.run.drain_timeout,
         filter,
-        workers: daemon::workers(&args.run)?,
+        workers,
         ..ProxyConfig::default()
     });
 
