@@ -496,21 +496,26 @@ impl Manager {
         state: &Arc<ListenerState>,
         stop: &CancellationToken,
     ) -> io::Result<()> {
-        let Some(workers) = &self.config.workers else {
-            let listener = tcp::listener(socket)?;
-            self.tick.get_or_init(|| tokio_util::task::AbortOnDropHandle::new(tokio::spawn(workers::tick())));
-            state.tasks.spawn(tcp::serve(listener, state.clone(), stop.clone()));
-            return Ok(());
+        let current;
+        let runtimes = match &self.config.workers {
+            Some(workers) => workers.handles(),
+            None => {
+                // Workers run their own idle timers.
+                self.tick
+                    .get_or_init(|| tokio_util::task::AbortOnDropHandle::new(tokio::spawn(workers::tick())));
+                current = [tokio::runtime::Handle::current()];
+                &current[..]
+            }
         };
         let mut sockets = vec![socket];
-        for _ in 1..workers.len() {
+        for _ in 1..runtimes.len() {
             sockets.push(bind(Protocol::Tcp, local, freebind)?);
         }
         let listeners = sockets
             .into_iter()
-            .zip(workers.handles())
+            .zip(runtimes)
             .map(|(socket, runtime)| {
-                // Registered with the reactor of the worker that accepts on it.
+                // Registered with the reactor of the runtime that accepts on it.
                 let _entered = runtime.enter();
                 tcp::listener(socket).map(|l| (l, runtime))
             })

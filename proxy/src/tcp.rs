@@ -151,10 +151,10 @@ async fn handle(client: std::net::TcpStream, peer: SocketAddr, state: Arc<Listen
     } else {
         drop(upstreams);
         let Some(client) = registered(Client::Accepted(client), peer, &state) else { return };
-        let Some(upstreams) = routed(&client, peer, &state).await else { return };
+        let Some(upstreams) = held(&client, peer, &state).await else { return };
         (Client::Registered(client), upstreams)
     };
-    // `routed` checked this very routing; `Drop` cannot come back.
+    // This very routing was checked above (or by `held`); `Drop` cannot come back.
     let Route::Pool(pool) = upstreams.route(peer.ip()) else { return };
     let timeouts = pool.port().timeouts;
     let zero_copy = pool.port().zero_copy;
@@ -271,14 +271,9 @@ async fn connect(
     stream::connect(socket, addr, early).await
 }
 
-/// The current upstreams once they route `peer` to a pool; `None` when the connection was
-/// dropped and has been closed (see the module docs: hold, then FIN).
-async fn routed(client: &Stream, peer: SocketAddr, state: &ListenerState) -> Option<Arc<Upstreams>> {
-    let upstreams = state.upstreams();
-    if matches!(upstreams.route(peer.ip()), Route::Pool(_)) {
-        return Some(upstreams);
-    }
-    drop(upstreams);
+/// Holds a client whose routing said `Drop` (see the module docs): the current upstreams once
+/// they route `peer` to a pool; `None` when the hold ended and the client has been closed (FIN).
+async fn held(client: &Stream, peer: SocketAddr, state: &ListenerState) -> Option<Arc<Upstreams>> {
     state.metrics.dropped.increment(1);
     let Some(_slot) = state.try_hold() else {
         tracing::debug!(listener = %state.name(), client = %peer, "dropped; too many held connections, closing");

@@ -5,10 +5,10 @@
 //! connections it accepted to their end on its own reactor. The kernel spreads new connections
 //! over the group by a hash of their addresses. So a connection never changes threads, and no
 //! thread wakes another for it: tokio's work-stealing scheduler, by contrast, runs a woken task on
-//! whichever thread polled the reactor, and an idle thread steals from a busy one (with 2 threads
+//! whichever thread polled the reactor, and an idle thread steals from a busy one. With 2 threads
 //! it made 6-10 % fewer new connections per second than HAProxy and nginx; per-thread runtimes
-//! made 0-10 % more, `benches/README.md`). This is how HAProxy and nginx run their threads and
-//! workers.
+//! made as many as nginx and 3-10 % more than HAProxy (`benches/README.md`). This is how HAProxy
+//! and nginx run their threads and workers.
 //!
 //! UDP listeners, health checks and the control plane stay on the runtime that drives the
 //! manager. Without workers (`--worker-threads 1`) TCP listeners run there too.
@@ -69,19 +69,9 @@ impl Workers {
         Ok(Self { inner: Arc::new(Inner { handles, stop }) })
     }
 
-    /// The runtimes, one per thread.
+    /// The runtimes, one per thread (at least one).
     pub fn handles(&self) -> &[Handle] {
         &self.inner.handles
-    }
-
-    /// Number of threads.
-    pub fn len(&self) -> usize {
-        self.inner.handles.len()
-    }
-
-    /// Always false: there is at least one thread.
-    pub fn is_empty(&self) -> bool {
-        self.inner.handles.is_empty()
     }
 }
 
@@ -93,7 +83,7 @@ impl Drop for Inner {
 
 impl fmt::Debug for Workers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Workers").field("threads", &self.len()).finish()
+        f.debug_struct("Workers").field("threads", &self.handles().len()).finish()
     }
 }
 
