@@ -159,6 +159,12 @@ pub(crate) struct RunArgs {
     /// Data-plane worker threads (default: one per CPU).
     #[arg(long, env = "FERRY_WORKER_THREADS")]
     pub(crate) worker_threads: Option<usize>,
+
+    /// Unix socket for restarts without a gap: at start, take over every listening socket of the
+    /// process serving on this path (both serve them until this one is ready; then the old one
+    /// stops accepting, drains, and waits for SIGTERM); once serving, listen here for the next.
+    #[arg(long, env = "FERRY_HANDOFF_SOCKET")]
+    pub(crate) handoff_socket: Option<PathBuf>,
 }
 
 /// `ferry check`.

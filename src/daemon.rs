@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use ferry_proxy::Workers;
+use ferry_proxy::{Handoff, Workers};
 use ferry_watch::{
     ClientConfig, FileSource, FileSourceOptions, KubeSource, KubeSourceOptions, ReloadHandle, Snapshots,
 };
@@ -94,9 +94,15 @@ pub(crate) struct Daemon {
     pub(crate) shutdown: CancellationToken,
     /// The source, for messages (the config directory, or the API server).
     pub(crate) source: String,
+    handoff: Arc<Handoff>,
     serving: Arc<AtomicBool>,
+    /// Cancelled by the first SIGTERM/SIGINT.
+    signalled: CancellationToken,
+    /// Cancelled when a successor took over this process's sockets (and `shutdown` then).
+    handed_over: CancellationToken,
     admin_stop: CancellationToken,
     admin_tasks: Vec<JoinHandle<()>>,
+    _registrations: Vec<ferry_proxy::handoff::Registration>,
     source_stop: CancellationToken,
     source_task: JoinHandle<anyhow::Result<()>>,
 }
@@ -116,7 +122,28 @@ impl Daemon {
             Ok((old, new)) => tracing::debug!(old, new, "file descriptor limit (RLIMIT_NOFILE)"),
             Err(error) => tracing::warn!(%error, "cannot raise the file descriptor limit"),
         }
+        let handoff = match &run.handoff_socket {
+            None => Handoff::disabled(),
+            Some(path) => match Handoff::take_over(path.clone()).await {
+                Ok(handoff) => {
+                    if let Some(pid) = handoff.predecessor() {
+                        tracing::info!(
+                            pid,
+                            sockets = handoff.inherited(),
+                            "taking over from the running process"
+                        );
+                    }
+                    handoff
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot take over the running process's sockets; binding new ones");
+                    Handoff::without_predecessor(Some(path.clone()))
+                }
+            },
+        };
         let shutdown = CancellationToken::new();
+        let signalled = CancellationToken::new();
+        let handed_over = CancellationToken::new();
         let (publisher, snapshots) = ferry_watch::publisher();
         let description = source.describe();
 
@@ -129,10 +156,13 @@ impl Daemon {
         };
         let admin_stop = CancellationToken::new();
         let mut admin_tasks = Vec::new();
+        let mut registrations = Vec::new();
         for (i, address) in std::iter::once(&run.admin_address).chain(extra_admin).enumerate() {
-            let listener = TcpListener::bind(address)
-                .await
+            let (listener, registration) = handoff
+                .tcp_listener(*address)
+                .and_then(|(l, r)| Ok((TcpListener::from_std(l)?, r)))
                 .with_context(|| format!("binding the admin address {address}"))?;
+            registrations.push(registration);
             let local = listener.local_addr().context("reading the admin address")?;
             if i == 0 {
                 tracing::info!(address = %local, "admin server listening");
@@ -154,7 +184,7 @@ impl Daemon {
                         proxy_name,
                     },
                 );
-                tokio::spawn(handle_signals(Some(reload), shutdown.clone()));
+                tokio::spawn(handle_signals(Some(reload), shutdown.clone(), signalled.clone()));
                 let stop = source_stop.clone();
                 tokio::spawn(async move { Ok(files.run(publisher, stop).await?) })
             }
@@ -163,7 +193,7 @@ impl Daemon {
                     .await
                     .inspect_err(|_| admin_stop.cancel())
                     .with_context(|| format!("connecting to {description}"))?;
-                tokio::spawn(handle_signals(None, shutdown.clone()));
+                tokio::spawn(handle_signals(None, shutdown.clone(), signalled.clone()));
                 let stop = source_stop.clone();
                 tokio::spawn(async move {
                     kube.run(publisher, stop).await;
@@ -191,20 +221,47 @@ impl Daemon {
             snapshots,
             shutdown,
             source: description,
+            handoff,
             serving,
+            signalled,
+            handed_over,
             admin_stop,
             admin_tasks,
+            _registrations: registrations,
             source_stop,
             source_task,
         }))
     }
 
-    /// Marks the data plane as serving: `/readyz` turns 200.
+    /// Marks the data plane as serving: `/readyz` turns 200. With `--handoff-socket`, completes
+    /// a takeover (the predecessor stops accepting) and then offers this process's sockets to a
+    /// successor; when one takes them and serves, this process drains as on SIGTERM.
     pub(crate) fn serving(&self) {
         self.serving.store(true, Ordering::Release);
+        if !self.handoff.is_enabled() {
+            return;
+        }
+        let (handoff, handed_over, shutdown) =
+            (self.handoff.clone(), self.handed_over.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(error) = handoff.serve(handed_over.clone(), shutdown.clone()).await {
+                tracing::warn!(%error, "handoff socket failed; a successor will bind its own sockets");
+            }
+            if handed_over.is_cancelled() {
+                tracing::info!("handed over to a successor: closing listeners and draining connections");
+                shutdown.cancel();
+            }
+        });
     }
 
-    /// Stops the source and the admin servers (after the data plane has drained).
+    /// Sockets inherited from a predecessor, and the registry a successor takes over from.
+    pub(crate) fn handoff(&self) -> Arc<Handoff> {
+        self.handoff.clone()
+    }
+
+    /// Stops the source and the admin servers (after the data plane has drained). A process that
+    /// handed over to a successor then waits for SIGTERM: exiting by itself would have its
+    /// container restarted, and the restarted process take the sockets back.
     pub(crate) async fn stop(self) {
         self.source_stop.cancel();
         self.admin_stop.cancel();
@@ -214,12 +271,21 @@ impl Daemon {
         if let Ok(Err(error)) = self.source_task.await {
             tracing::warn!(error = format!("{error:#}"), "source stopped with an error");
         }
+        if self.handed_over.is_cancelled() && !self.signalled.is_cancelled() {
+            tracing::info!("drained after the handoff; waiting for SIGTERM to exit");
+            self.signalled.cancelled().await;
+        }
     }
 }
 
 /// SIGHUP reloads (a file source; the API source is always current); the first SIGTERM/SIGINT
-/// starts a graceful drain; a second one exits at once.
-async fn handle_signals(reload: Option<ReloadHandle>, shutdown: CancellationToken) {
+/// starts a graceful drain (or, after a handoff, lets the drained process exit); a second one
+/// exits at once.
+async fn handle_signals(
+    reload: Option<ReloadHandle>,
+    shutdown: CancellationToken,
+    signalled: CancellationToken,
+) {
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         tokio::signal::unix::signal(SignalKind::hangup()),
         tokio::signal::unix::signal(SignalKind::terminate()),
@@ -243,11 +309,16 @@ async fn handle_signals(reload: Option<ReloadHandle>, shutdown: CancellationToke
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        if shutdown.is_cancelled() {
+        if signalled.is_cancelled() {
             tracing::warn!(signal = name, "second shutdown signal: exiting without draining");
             std::process::exit(1);
         }
-        tracing::info!(signal = name, "shutting down: closing listeners and draining connections");
-        shutdown.cancel();
+        signalled.cancel();
+        if shutdown.is_cancelled() {
+            tracing::info!(signal = name, "shutting down: already draining after the handoff");
+        } else {
+            tracing::info!(signal = name, "shutting down: closing listeners and draining connections");
+            shutdown.cancel();
+        }
     }
 }

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::Args;
 use ferry_dns::{DnsConfig, SnapshotFeed, Sockets, Upstreams};
 use ferry_model::{DnsKind, FrontendKey, ServiceKey, ServicePort, Snapshot};
-use ferry_proxy::{Binding, FrontendFilter};
+use ferry_proxy::{Binding, FrontendFilter, Handoff, handoff::Registration};
 use ferry_watch::{ClientConfig, KubeSourceOptions};
 use tokio::{
     net::{TcpListener, UdpSocket},
@@ -100,28 +100,35 @@ impl DnsFlags {
     }
 }
 
-/// Binds UDP and TCP on each address (TCP on the port the UDP socket got).
-pub(crate) async fn bind(addresses: &[SocketAddr]) -> anyhow::Result<Sockets> {
+/// Binds UDP and TCP on each address (TCP on the port the UDP socket got), taking the sockets a
+/// predecessor served on them (`handoff`); the registrations offer them to a successor.
+pub(crate) fn bind(
+    handoff: &Arc<Handoff>,
+    addresses: &[SocketAddr],
+) -> anyhow::Result<(Sockets, Vec<Registration>)> {
     let mut sockets = Sockets::default();
+    let mut registrations = Vec::new();
     for address in addresses {
         // With port 0 the UDP socket picks the port and TCP must get the same one; another
         // process may hold it for TCP, so try a few ports.
         let attempts = if address.port() == 0 { 10 } else { 1 };
         for attempt in 1..=attempts {
-            let udp = UdpSocket::bind(address).await.with_context(|| format!("binding DNS UDP {address}"))?;
+            let (udp, udp_registration) =
+                handoff.udp_socket(*address).with_context(|| format!("binding DNS UDP {address}"))?;
             let bound = udp.local_addr().context("reading the DNS address")?;
-            let tcp = match TcpListener::bind(bound).await {
+            let (tcp, tcp_registration) = match handoff.tcp_listener(bound) {
                 Ok(tcp) => tcp,
                 Err(e) if attempt < attempts && e.kind() == std::io::ErrorKind::AddrInUse => continue,
                 Err(e) => return Err(e).with_context(|| format!("binding DNS TCP {bound}")),
             };
             tracing::info!(address = %bound, "dns listening");
-            sockets.udp.push(udp);
-            sockets.tcp.push(tcp);
+            sockets.udp.push(UdpSocket::from_std(udp).context("registering the DNS UDP socket")?);
+            sockets.tcp.push(TcpListener::from_std(tcp).context("registering the DNS TCP socket")?);
+            registrations.extend([udp_registration, tcp_registration]);
             break;
         }
     }
-    Ok(sockets)
+    Ok((sockets, registrations))
 }
 
 /// Runs `ferry dns` to completion.
@@ -145,7 +152,7 @@ async fn serve(args: DnsArgs) -> anyhow::Result<()> {
     let Some(daemon) = Daemon::start(source, &args.run, metrics, &[]).await? else {
         return Ok(());
     };
-    let sockets = match bind(&args.listen).await {
+    let (sockets, _registrations) = match bind(&daemon.handoff(), &args.listen) {
         Ok(s) => s,
         Err(error) => {
             daemon.stop().await;
@@ -221,8 +228,9 @@ pub(crate) async fn spawn_node_dns(
     addresses: &[SocketAddr],
     snapshots: watch::Receiver<Arc<Snapshot>>,
     shutdown: CancellationToken,
+    handoff: &Arc<Handoff>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let sockets = bind(addresses).await?;
+    let (sockets, registrations) = bind(handoff, addresses)?;
     let mut config = flags.config();
     config.udp_threads = udp_threads;
     let feed = SnapshotFeed { snapshots, synced: true };
@@ -230,5 +238,6 @@ pub(crate) async fn spawn_node_dns(
         if let Err(error) = ferry_dns::serve(config, sockets, feed, shutdown).await {
             tracing::error!(%error, "the DNS server failed");
         }
+        drop(registrations);
     }))
 }

@@ -38,6 +38,7 @@ async fn serve(args: LbArgs) -> anyhow::Result<()> {
     let mut manager = Manager::new(ProxyConfig {
         drain_timeout: args.run.drain_timeout,
         workers,
+        handoff: daemon.handoff(),
         ..ProxyConfig::default()
     });
     let snapshot = daemon.snapshots.current();

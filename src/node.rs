@@ -107,6 +107,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         drain_timeout: args.run.drain_timeout,
         filter,
         workers,
+        handoff: daemon.handoff(),
         ..ProxyConfig::default()
     });
 
@@ -114,8 +115,10 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     let families = [IpFamily::V4, IpFamily::V6];
     let health = Arc::new(ProxyHealth::new(&families, DEFAULT_SYNC_PERIOD));
     let kube_metrics = KubeProxyMetrics::new(&families);
-    let healthz = TcpListener::bind(args.healthz_bind_address)
-        .await
+    let (healthz, _healthz_registration) = daemon
+        .handoff()
+        .tcp_listener(args.healthz_bind_address)
+        .and_then(|(l, r)| Ok((TcpListener::from_std(l)?, r)))
         .with_context(|| format!("binding --healthz-bind-address {}", args.healthz_bind_address))?;
     let health_stop = daemon.shutdown.child_token();
     tokio::spawn(HealthzServer::new(health.clone()).serve(healthz, health_stop.clone()));
@@ -123,7 +126,8 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
         vec![ServiceHealthServers::ALL_ADDRESSES],
         health.clone(),
         health_stop.clone(),
-    );
+    )
+    .with_handoff(daemon.handoff());
 
     let mut syncer = Syncer {
         device,
@@ -151,6 +155,7 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
                 &dns_addresses,
                 rx,
                 daemon.shutdown.clone(),
+                &daemon.handoff(),
             )
             .await?,
         )

@@ -9,10 +9,12 @@
 //!   (mini-redis style: tests bind `127.0.0.1:0` themselves).
 //! - [`Workers`]: optional data-plane threads, one current-thread runtime each, that run the
 //!   TCP listeners (one `SO_REUSEPORT` socket per thread) and their connections.
+//! - [`Handoff`]: sockets inherited from the process this one replaces, and handed to the next.
 //! - `sys`: the only unsafe code (`splice(2)`, `IP_PKTINFO`, registering std sockets with the
 //!   reactor).
 
 pub mod error;
+pub mod handoff;
 pub mod health;
 pub mod host;
 pub mod manager;
@@ -32,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::{
     error::{Error, Side},
+    handoff::Handoff,
     manager::{Binding, FrontendFilter, InternalRoute, ListenerFrontends, Manager},
     node::{NodeConfig, NodeFrontends},
     state::{Hold, ListenerState, Route, Routes, Upstreams},
@@ -50,6 +53,9 @@ pub struct ProxyConfig {
     /// Data-plane threads for TCP listeners (see [`Workers`]); `None`: TCP is served on the
     /// runtime that runs the [`Manager`].
     pub workers: Option<Workers>,
+    /// Sockets inherited from a predecessor, taken before binding, and the registry of served
+    /// sockets a successor takes over ([`Handoff`]; disabled by default).
+    pub handoff: Arc<Handoff>,
 }
 
 impl Default for ProxyConfig {
@@ -59,6 +65,7 @@ impl Default for ProxyConfig {
             max_udp_flows: udp::DEFAULT_MAX_FLOWS,
             filter: Arc::new(ListenerFrontends),
             workers: None,
+            handoff: Handoff::disabled(),
         }
     }
 }

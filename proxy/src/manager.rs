@@ -32,6 +32,8 @@
 //! A TCP listener runs on the manager's runtime, or with [`Workers`](crate::Workers) in the
 //! config as one socket per worker (one `SO_REUSEPORT` group), each accepting on its worker; a
 //! UDP listener always runs on the manager's runtime. Either way it is one `Running` entry.
+//! Before binding, a listener takes the sockets a predecessor process served on the same address
+//! ([`Handoff`](crate::Handoff)); its sockets stay registered for a successor while it runs.
 //!
 //! Token tree: `force` (cancelled at the end of shutdown) -> one `drain` token per listener ->
 //! one token per endpoint. A connection waits on its endpoint's token only.
@@ -40,6 +42,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt, io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsFd as _,
     sync::Arc,
     time::Duration,
 };
@@ -55,6 +58,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     ProxyConfig,
     error::Error,
+    handoff::{Registration, SocketKey},
     state::{Hold, ListenerState, Routes, Upstreams},
     tcp, udp, workers,
 };
@@ -184,6 +188,8 @@ struct Running {
     state: Arc<ListenerState>,
     stop: CancellationToken,
     local: SocketAddr,
+    /// Offers the sockets to a successor while they are served ([`crate::Handoff`]).
+    _registrations: Vec<Registration>,
 }
 
 /// Binds, updates and closes listeners as snapshots change.
@@ -454,12 +460,26 @@ impl Manager {
         let name = port.display_name();
         let (FrontendKey::Addr(protocol, _) | FrontendKey::NodePort(protocol, ..)) = key.0;
         let addr = key.1;
-        let socket = bind(protocol, addr, binding.freebind)
-            .map_err(|source| (name.clone(), Error::Bind { addr, source }))?;
-        let local = socket
+        let bind_error = |source| (name.clone(), Error::Bind { addr, source });
+        let handoff = &self.config.handoff;
+        let sockets = match protocol {
+            Protocol::Udp => match handoff.take(SocketKey::udp(addr)) {
+                Some(socket) => vec![socket],
+                None => vec![bind(protocol, addr, binding.freebind).map_err(bind_error)?],
+            },
+            _ => {
+                let inherited = handoff.take_all(SocketKey::tcp(addr));
+                if inherited.is_empty() {
+                    vec![bind(protocol, addr, binding.freebind).map_err(bind_error)?]
+                } else {
+                    inherited
+                }
+            }
+        };
+        let local = sockets[0]
             .local_addr()
             .and_then(|a| a.as_socket().ok_or_else(|| io::Error::other("not an IP socket")))
-            .map_err(|source| (name.clone(), Error::Bind { addr, source }))?;
+            .map_err(bind_error)?;
         let routes = match sibling {
             Some(s) => binding.routes(&port, Some(s.pool()), s.internal_pool()),
             None => binding.routes(&port, None, None),
@@ -473,29 +493,46 @@ impl Manager {
         );
         let stop = CancellationToken::new();
         let spawned = match protocol {
-            Protocol::Udp => UdpSocket::from_std(socket.into()).map(|s| {
-                state.tasks.spawn(udp::serve(s, state.clone(), self.config.max_udp_flows, stop.clone()));
-            }),
-            _ => self.serve_tcp(socket, local, binding.freebind, &state, &stop),
+            Protocol::Udp => sockets
+                .into_iter()
+                .map(|socket| {
+                    let registration = handoff.register(socket.as_fd())?;
+                    let socket = UdpSocket::from_std(socket.into())?;
+                    state.tasks.spawn(udp::serve(
+                        socket,
+                        state.clone(),
+                        self.config.max_udp_flows,
+                        stop.clone(),
+                    ));
+                    Ok(registration)
+                })
+                .collect(),
+            _ => self.serve_tcp(sockets, local, binding.freebind, &state, &stop),
         };
-        if let Err(source) = spawned {
-            return Err((state.name().to_string(), Error::Bind { addr, source }));
-        }
-        Ok(Running { port, binding, state, stop, local })
+        let registrations = match spawned {
+            Ok(registrations) => registrations,
+            Err(source) => {
+                stop.cancel();
+                return Err((state.name().to_string(), Error::Bind { addr, source }));
+            }
+        };
+        Ok(Running { port, binding, state, stop, local, _registrations: registrations })
     }
 
-    /// Serves TCP on `socket` (bound to `local`): on this runtime, or with workers on each of
-    /// them, through one more socket per further worker in `socket`'s `SO_REUSEPORT` group
-    /// (bound to `local`, so a port-0 bind gives one port). All sockets are bound and registered
-    /// before any accept loop starts, so a failure leaves nothing running.
+    /// Serves TCP on `sockets` (bound to `local`; one, or those inherited from a predecessor):
+    /// on this runtime, or with workers on each of them, binding one more socket per further
+    /// worker in the `SO_REUSEPORT` group (bound to `local`, so a port-0 bind gives one port).
+    /// Inherited sockets beyond one per runtime are shared out, so none is left without an accept
+    /// loop. All sockets are bound and registered before any accept loop starts, so a failure
+    /// leaves nothing running.
     fn serve_tcp(
         &self,
-        socket: Socket,
+        mut sockets: Vec<Socket>,
         local: SocketAddr,
         freebind: bool,
         state: &Arc<ListenerState>,
         stop: &CancellationToken,
-    ) -> io::Result<()> {
+    ) -> io::Result<Vec<Registration>> {
         let current;
         let runtimes = match &self.config.workers {
             Some(workers) => workers.handles(),
@@ -507,23 +544,21 @@ impl Manager {
                 &current[..]
             }
         };
-        let mut sockets = vec![socket];
-        for _ in 1..runtimes.len() {
+        while sockets.len() < runtimes.len() {
             sockets.push(bind(Protocol::Tcp, local, freebind)?);
         }
-        let listeners = sockets
-            .into_iter()
-            .zip(runtimes)
-            .map(|(socket, runtime)| {
-                // Registered with the reactor of the runtime that accepts on it.
-                let _entered = runtime.enter();
-                tcp::listener(socket).map(|l| (l, runtime))
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+        let mut registrations = Vec::with_capacity(sockets.len());
+        let mut listeners = Vec::with_capacity(sockets.len());
+        for (socket, runtime) in sockets.into_iter().zip(runtimes.iter().cycle()) {
+            registrations.push(self.config.handoff.register(socket.as_fd())?);
+            // Registered with the reactor of the runtime that accepts on it.
+            let _entered = runtime.enter();
+            listeners.push((tcp::listener(socket)?, runtime));
+        }
         for (listener, runtime) in listeners {
             state.tasks.spawn_on(tcp::serve(listener, state.clone(), stop.clone()), runtime);
         }
-        Ok(())
+        Ok(registrations)
     }
 
     /// Stops accepting on `r`; its connections get the drain timeout to finish.

@@ -43,6 +43,7 @@ use super::{
     http::{go_response, json_headers, serve},
     proxy::{IpFamily, ProxyHealth},
 };
+use crate::handoff::{Handoff, Registration};
 
 /// What one Service's health server reads on every request. Updated in place by the manager.
 #[derive(Debug)]
@@ -191,6 +192,8 @@ struct Instance {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
+    /// Offers the listeners to a successor while they serve.
+    _registrations: Vec<Registration>,
 }
 
 /// Opens, updates and closes the `healthCheckNodePort` servers as snapshots change.
@@ -204,6 +207,7 @@ pub struct ServiceHealthServers {
     /// The snapshot of the last sync (the next one visits only what changed since).
     last: Option<Arc<Snapshot>>,
     shutdown: CancellationToken,
+    handoff: Arc<Handoff>,
 }
 
 // === impl ServiceHealthServers ===
@@ -215,7 +219,21 @@ impl ServiceHealthServers {
     /// A manager binding every health check port on each of `addresses` (the node addresses
     /// `--nodeport-addresses` selects; `[ALL_ADDRESSES]` for all). Servers stop when `shutdown` fires.
     pub fn new(addresses: Vec<IpAddr>, health: Arc<ProxyHealth>, shutdown: CancellationToken) -> Self {
-        Self { addresses, health, servers: BTreeMap::new(), pending: BTreeSet::new(), last: None, shutdown }
+        Self {
+            addresses,
+            health,
+            servers: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            last: None,
+            shutdown,
+            handoff: Handoff::disabled(),
+        }
+    }
+
+    /// Takes inherited listeners from `handoff` before binding, and registers those it serves.
+    pub fn with_handoff(mut self, handoff: Arc<Handoff>) -> Self {
+        self.handoff = handoff;
+        self
     }
 
     /// Applies `snapshot`: closes servers of removed Services and changed ports, opens new ones,
@@ -300,19 +318,24 @@ impl ServiceHealthServers {
     fn open(&self, port: u16, state: &Arc<ServiceHealth>) -> Result<Instance, BindError> {
         let stop = self.shutdown.child_token();
         let mut listeners = Vec::with_capacity(self.addresses.len());
+        let mut registrations = Vec::with_capacity(self.addresses.len());
         for ip in &self.addresses {
             let addr = SocketAddr::new(*ip, port);
             // On failure the listeners bound so far drop here, freeing their ports (kube-proxy's closeAll).
-            let listener =
-                bind(addr).map_err(|source| BindError { service: state.key.clone(), addr, source })?;
+            let (listener, registration) = self
+                .handoff
+                .tcp_listener(addr)
+                .and_then(|(l, r)| Ok((TcpListener::from_std(l)?, r)))
+                .map_err(|source| BindError { service: state.key.clone(), addr, source })?;
             listeners.push(listener);
+            registrations.push(registration);
         }
         let local_addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
         let tasks = listeners
             .into_iter()
             .map(|l| tokio::spawn(state.clone().serve(l, self.health.clone(), stop.clone())))
             .collect();
-        Ok(Instance { port, state: state.clone(), stop, tasks, local_addrs })
+        Ok(Instance { port, state: state.clone(), stop, tasks, local_addrs, _registrations: registrations })
     }
 }
 
@@ -327,20 +350,4 @@ impl Instance {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
     }
-}
-
-/// Binds like Go's `net.Listen("tcp", addr)`: `SO_REUSEADDR`, and dual-stack for `[::]`.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    if let IpAddr::V6(ip) = addr.ip()
-        && ip.is_unspecified()
-    {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
 }
