@@ -98,8 +98,10 @@ pub(crate) struct Daemon {
     serving: Arc<AtomicBool>,
     /// Cancelled by the first SIGTERM/SIGINT.
     signalled: CancellationToken,
-    /// Cancelled when a successor took over this process's sockets (and `shutdown` then).
+    /// Cancelled when a successor took over this process's sockets; `shutdown` is its child.
     handed_over: CancellationToken,
+    /// Cancelled when this process's predecessor has stopped (never without one).
+    taken_over: CancellationToken,
     admin_stop: CancellationToken,
     admin_tasks: Vec<JoinHandle<()>>,
     _registrations: Vec<ferry_proxy::handoff::Registration>,
@@ -141,9 +143,11 @@ impl Daemon {
                 }
             },
         };
-        let shutdown = CancellationToken::new();
-        let signalled = CancellationToken::new();
+        // A successor taking over starts the drain, at once (see `Handoff::serve`).
         let handed_over = CancellationToken::new();
+        let shutdown = handed_over.child_token();
+        let signalled = CancellationToken::new();
+        let taken_over = CancellationToken::new();
         let (publisher, snapshots) = ferry_watch::publisher();
         let description = source.describe();
 
@@ -225,6 +229,7 @@ impl Daemon {
             serving,
             signalled,
             handed_over,
+            taken_over,
             admin_stop,
             admin_tasks,
             _registrations: registrations,
@@ -234,24 +239,30 @@ impl Daemon {
     }
 
     /// Marks the data plane as serving: `/readyz` turns 200. With `--handoff-socket`, completes
-    /// a takeover (the predecessor stops accepting) and then offers this process's sockets to a
-    /// successor; when one takes them and serves, this process drains as on SIGTERM.
+    /// a takeover (the predecessor stops accepting; then [`Daemon::taken_over`]) and then offers
+    /// this process's sockets to a successor; when one takes them and serves, this process
+    /// drains as on SIGTERM.
     pub(crate) fn serving(&self) {
         self.serving.store(true, Ordering::Release);
-        if !self.handoff.is_enabled() {
-            return;
-        }
-        let (handoff, handed_over, shutdown) =
-            (self.handoff.clone(), self.handed_over.clone(), self.shutdown.clone());
+        let (handoff, taken_over) = (self.handoff.clone(), self.taken_over.clone());
+        let (handed_over, shutdown) = (self.handed_over.clone(), self.shutdown.clone());
         tokio::spawn(async move {
-            if let Err(error) = handoff.serve(handed_over.clone(), shutdown.clone()).await {
+            if handoff.complete_takeover().await.is_some() {
+                taken_over.cancel();
+            }
+            if let Err(error) = handoff.serve(handed_over.clone(), shutdown).await {
                 tracing::warn!(%error, "handoff socket failed; a successor will bind its own sockets");
             }
             if handed_over.is_cancelled() {
                 tracing::info!("handed over to a successor: closing listeners and draining connections");
-                shutdown.cancel();
             }
         });
+    }
+
+    /// Completes once the predecessor has stopped, so that only this process changes shared
+    /// kernel state from then on; never without a predecessor.
+    pub(crate) async fn taken_over(&self) {
+        self.taken_over.cancelled().await;
     }
 
     /// Sockets inherited from a predecessor, and the registry a successor takes over from.

@@ -168,9 +168,16 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     );
 
     let mut updates = daemon.snapshots.subscribe();
+    let mut took_over = false;
     loop {
         tokio::select! {
             () = daemon.shutdown.cancelled() => break,
+            () = daemon.taken_over(), if !took_over => {
+                // The predecessor may have changed the device while both ran.
+                took_over = true;
+                failed |= !syncer.resync_device().await;
+                continue;
+            }
             changed = updates.changed() => if changed.is_err() { break },
             () = tokio::time::sleep(std::time::Duration::from_secs(2)), if failed => {}
         }
@@ -206,6 +213,24 @@ struct Syncer {
 }
 
 impl Syncer {
+    /// Makes the device hold exactly the last synced snapshot's addresses, as read back from
+    /// the kernel. Returns false on failure (the next sync is then a full one).
+    async fn resync_device(&mut self) -> bool {
+        let Some(snapshot) = &self.last else { return true };
+        let mut want = host::frontend_addresses(snapshot);
+        want.extend(&self.extra_addresses);
+        match self.device.sync(&want).await {
+            Ok(stats) => {
+                tracing::debug!(?stats, "VIP device synced");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "VIP device sync failed; will retry");
+                false
+            }
+        }
+    }
+
     /// A new snapshot arrived: counts its changes and starts the staleness clock.
     fn queued(&self, snapshot: &Snapshot) {
         self.health.queued();

@@ -297,17 +297,10 @@ impl Handoff {
         Ok((socket.into(), registration))
     }
 
-    /// Call once this process serves. Completes a takeover (closes the inherited sockets nobody
-    /// took, tells the predecessor to stop accepting and waits until it has), then listens on
-    /// the path and hands every registered socket to the first successor that asks; cancels
-    /// `handed_over` when that successor serves, and returns. Returns at once when disabled, and
-    /// when `stop` is cancelled.
-    pub async fn serve(
-        self: Arc<Self>,
-        handed_over: CancellationToken,
-        stop: CancellationToken,
-    ) -> Result<(), HandoffError> {
-        let Some(path) = self.path.clone() else { return Ok(()) };
+    /// Call once this process serves: closes the inherited sockets nobody took, tells the
+    /// predecessor to stop accepting, and waits (bounded) until it has. Returns its pid; `None`
+    /// without a predecessor. Failures are logged: this process serves either way.
+    pub async fn complete_takeover(&self) -> Option<u32> {
         let predecessor = {
             let mut inner = self.lock();
             let unclaimed: usize = inner.inherited.drain().map(|(_, fds)| fds.len()).sum();
@@ -319,19 +312,30 @@ impl Handoff {
             }
             inner.predecessor.take()
         };
-        if let Some(peer) = predecessor {
-            let pid = peer.pid;
-            let stopped = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
-                peer.send("serving", &[]).await.map_err(|e| peer.error(format!("sending 'serving': {e}")))?;
-                peer.expect("stopped").await
-            });
-            match stopped.await {
-                Ok(Ok(())) => tracing::info!(pid, "predecessor stopped accepting; takeover complete"),
-                Ok(Err(error)) => tracing::warn!(%error, "predecessor did not confirm it stopped"),
-                Err(_) => tracing::warn!(pid, "predecessor did not confirm it stopped in time"),
-            }
+        let peer = predecessor?;
+        let pid = peer.pid;
+        let stopped = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+            peer.send("serving", &[]).await.map_err(|e| peer.error(format!("sending 'serving': {e}")))?;
+            peer.expect("stopped").await
+        });
+        match stopped.await {
+            Ok(Ok(())) => tracing::info!(pid, "predecessor stopped accepting; takeover complete"),
+            Ok(Err(error)) => tracing::warn!(%error, "predecessor did not confirm it stopped"),
+            Err(_) => tracing::warn!(pid, "predecessor did not confirm it stopped in time"),
         }
+        Some(pid)
+    }
 
+    /// Call after [`Handoff::complete_takeover`]: listens on the path and hands every registered
+    /// socket to the first successor that asks; when that successor serves, cancels
+    /// `handed_over` and stops listening on the path, then confirms the stop to it, and returns. Returns at once when disabled, and when
+    /// `stop` is cancelled.
+    pub async fn serve(
+        self: Arc<Self>,
+        handed_over: CancellationToken,
+        stop: CancellationToken,
+    ) -> Result<(), HandoffError> {
+        let Some(path) = self.path.clone() else { return Ok(()) };
         let listener = listen(&path).map_err(|source| HandoffError::Socket { path: path.clone(), source })?;
         tracing::debug!(path = %path.display(), "handoff socket listening");
         loop {
@@ -348,6 +352,8 @@ impl Handoff {
                 Ok(()) => {
                     tracing::info!(pid = peer.pid, "successor serves; stopping to accept");
                     handed_over.cancel();
+                    // Closed before the confirmation, so the path is free when the successor binds it.
+                    drop(listener);
                     if let Err(error) = peer.send("stopped", &[]).await {
                         tracing::warn!(pid = peer.pid, %error, "could not confirm the stop to the successor");
                     }

@@ -975,6 +975,169 @@ async fn restart_adopts_the_vip_device_without_a_gap() {
     assert!(deleted.is_empty(), "the VIP disappeared during the restart: {deleted:?}");
 }
 
+/// Inodes of the TCP sockets listening on `addr` (IPv4) in `ns`, from `/proc/net/tcp`.
+fn listening_inodes(ns: &Netns, addr: SocketAddr) -> std::collections::BTreeSet<String> {
+    let IpAddr::V4(ip) = addr.ip() else { panic!("IPv4 only") };
+    let local = format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), addr.port());
+    let out = ns.command("cat").arg("/proc/net/tcp").output().expect("cat /proc/net/tcp");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[1] == local && f[3] == "0A")
+        .map(|f| f[9].to_owned())
+        .collect()
+}
+
+/// Connections to `to` from namespace `ns`, one after another on a thread, until `stop` (bounded
+/// in time and count): successes counted, failures kept.
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    served: Arc<std::sync::atomic::AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(ns: &Netns, to: SocketAddr) -> Self {
+        use std::{
+            io::BufRead as _,
+            sync::atomic::{AtomicBool, AtomicU64, Ordering},
+        };
+        let (stop, served, failures) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
+        let (name, flag, count, failed) = (ns.name.clone(), stop.clone(), served.clone(), failures.clone());
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            for i in 0..200_000u64 {
+                if flag.load(Ordering::Relaxed) || start.elapsed() > Duration::from_secs(120) {
+                    return;
+                }
+                let greeting =
+                    crate::netns::enter(&name, || std::net::TcpStream::connect_timeout(&to, DEADLINE))
+                        .and_then(|s| {
+                            s.set_read_timeout(Some(DEADLINE))?;
+                            let mut line = String::new();
+                            std::io::BufReader::new(s).read_line(&mut line)?;
+                            Ok(line)
+                        });
+                let failure = match greeting {
+                    Ok(line) if line == "a\n" => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Ok(line) => format!("connection {i}: greeting {line:?}"),
+                    Err(e) => format!("connection {i}: {e}"),
+                };
+                failed.lock().expect("lock").push(failure);
+            }
+        });
+        Self { stop, served, failures, thread }
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more connections than now were served.
+    fn wait_more(&self, n: u64, what: &str) {
+        let (from, start) = (self.served(), Instant::now());
+        while self.served() < from + n {
+            assert!(start.elapsed() < DEADLINE, "{what}: only {} connections served", self.served() - from);
+            assert!(!self.thread.is_finished(), "{what}: the load stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops the load; returns (served, failures).
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("load thread");
+        let failures = std::mem::take(&mut *self.failures.lock().expect("lock"));
+        (self.served.load(std::sync::atomic::Ordering::Relaxed), failures)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_with_a_handoff_socket_refuses_no_connection() {
+    let c = Cluster::new();
+    let _a = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a");
+    let _ua = UdpBackend::serve(c.pod_a.udp_socket(sa("10.244.1.10:5353")), "a");
+    c.dir.write(
+        "web.yaml",
+        &docs(&[
+            service(
+                "web",
+                &[],
+                "  clusterIP: 10.96.0.10\n",
+                &[("http", "TCP", 80, "8080", None), ("dns", "UDP", 53, "5353", None)],
+                "",
+            ),
+            slice(
+                "web-1",
+                "web",
+                "IPv4",
+                &[ready("10.244.1.10", "node-a")],
+                &[("http", "TCP", 8080), ("dns", "UDP", 5353)],
+            ),
+        ]),
+    );
+    let run = ConfigDir::new();
+    let socket = run.path().join("handoff.sock");
+    let handoff = ["--handoff-socket", socket.to_str().expect("utf-8 path")];
+    let mut old = c.start(&handoff);
+    let vip = sa("10.96.0.10:80");
+    let mut conn = c.pod_a.tcp_connect(vip).expect("connect");
+    assert_eq!(read_greeting(&mut conn).await.expect("greeting"), "a");
+    let healthz = || c.client.enter(|| http_get(sa("192.168.100.1:10256"), "/healthz")).0;
+    assert_eq!(healthz(), 200);
+
+    // The VIP's listening sockets (one per data-plane thread), by inode.
+    let sockets = listening_inodes(&c.node, vip);
+    assert_eq!(sockets.len(), 2, "one socket per --worker-threads");
+
+    // Connections arrive all the time while a second process starts and takes over.
+    let load = Load::start(&c.pod_a, vip);
+    load.wait_more(20, "before the restart");
+    let new = c.start(&handoff);
+    let took = new
+        .wait_log(DEADLINE, |l| msg(l) == "taking over from the running process")
+        .expect("the new process found the old one");
+    assert!(took["sockets"].as_u64().unwrap_or(0) >= 3, "VIP TCP, VIP UDP and healthz at least: {took}");
+    new.wait_log(DEADLINE, |l| msg(l) == "predecessor stopped accepting; takeover complete")
+        .expect("the old process confirmed it stopped");
+    old.wait_log(DEADLINE, |l| msg(l).starts_with("handed over to a successor"))
+        .expect("the old process drains after the handoff");
+    load.wait_more(50, "after the handoff");
+
+    // The old process's connection keeps working through the drain.
+    conn.write_all(b"ping\n").await.expect("write after the handoff");
+    let mut echo = [0u8; 5];
+    tokio::time::timeout(DEADLINE, conn.read_exact(&mut echo)).await.expect("echo in time").expect("echo");
+    assert_eq!(&echo, b"ping\n");
+    drop(conn);
+    // Drained, it waits for its pod's SIGTERM instead of exiting (a restarted container would
+    // take the sockets back).
+    old.wait_log(DEADLINE, |l| msg(l) == "drained after the handoff; waiting for SIGTERM to exit")
+        .expect("the old process drained");
+    assert_eq!(old.wait_exit(Duration::from_millis(200)), None, "still running until SIGTERM");
+    old.signal(libc::SIGTERM);
+    assert_eq!(old.wait_exit(DEADLINE), Some(0), "clean exit on SIGTERM");
+    load.wait_more(50, "after the old process exited");
+
+    let (served, failures) = load.finish();
+    assert!(failures.is_empty(), "{} of {} connections failed: {failures:?}", failures.len(), served);
+    // Not a second bind beside the first: the same kernel sockets, with their accept queues.
+    assert_eq!(listening_inodes(&c.node, vip), sockets, "the new process serves the old one's sockets");
+    assert_eq!(healthz(), 200, "healthz is served by the new process");
+    assert_eq!(udp_ask(&udp_to(&c.pod_a, None, sa("10.96.0.10:53")).await, "q").await, "a");
+    assert_eq!(hello(&c.pod_a, vip).await.expect("served by the new process"), "a");
+    assert!(
+        new.wait_log(Duration::from_millis(20), |l| msg(l) == "bind failed; will retry").is_none(),
+        "no bind failures"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kube_proxy_sync_metrics_with_kube_proxy_buckets() {
     let c = Cluster::new();

@@ -51,14 +51,11 @@ impl Process {
     async fn serve(handoff: Arc<Handoff>) -> Self {
         let (handed_over, stop) = (CancellationToken::new(), CancellationToken::new());
         let path = handoff.path.clone().expect("enabled");
-        let had_predecessor = handoff.predecessor().is_some();
+        handoff.complete_takeover().await;
         let task = tokio::spawn(handoff.clone().serve(handed_over.clone(), stop.clone()));
-        // Readiness: the predecessor has stopped (if any) and the socket file is ours.
+        // Readiness: the path accepts (the predecessor closed its listener before confirming).
         tokio::time::timeout(DEADLINE, async {
-            while !(path.exists()
-                && (!had_predecessor || handoff.predecessor().is_none())
-                && can_connect(&path))
-            {
+            while !can_connect(&path) {
                 tokio::task::yield_now().await;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -121,10 +118,10 @@ async fn a_successor_takes_the_same_sockets_with_their_queues() {
     let n = new_udp.recv(&mut dgram).expect("the datagram queued on the old socket");
     assert_eq!(&dgram[..n], b"before");
 
-    // The new process serves: the old one is told to stop, and stops.
+    // The new process serves: the old one is told to stop, and has stopped when that returns.
     assert!(!old.handed_over.is_cancelled());
     let new = Process::serve(new).await;
-    tokio::time::timeout(DEADLINE, old.handed_over.cancelled()).await.expect("old process handed over");
+    assert!(old.handed_over.is_cancelled(), "old process handed over");
     tokio::time::timeout(DEADLINE, old.task).await.expect("old serve returns").expect("join").expect("ok");
     assert_eq!(new.handoff.predecessor(), None, "takeover complete");
 
@@ -201,6 +198,7 @@ async fn a_disabled_handoff_binds_and_registers_nothing() {
     assert!(registration.handoff.is_none());
     assert!(handoff.lock().live.is_empty());
     let (handed_over, stop) = (CancellationToken::new(), CancellationToken::new());
+    assert_eq!(handoff.complete_takeover().await, None);
     handoff.serve(handed_over.clone(), stop).await.expect("returns at once");
     assert!(!handed_over.is_cancelled());
 }
