@@ -131,8 +131,10 @@ impl Objects {
         }
         let strategy = ds.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).expect("updateStrategy");
         assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
-        let max_unavailable = strategy.rolling_update.as_ref().and_then(|r| r.max_unavailable.as_ref());
-        assert_eq!(max_unavailable, Some(&IntOrString::Int(1)));
+        // Restarts without a gap: the new pod starts beside the old one and takes its sockets.
+        let rolling = strategy.rolling_update.as_ref().expect("rollingUpdate");
+        assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+        assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
         let selector = ds.spec.as_ref().and_then(|s| s.selector.match_labels.clone()).unwrap_or_default();
         let template_labels = ds
             .spec
@@ -201,6 +203,30 @@ impl Objects {
         );
         assert!(args.iter().any(|a| a == "--admin-address=127.0.0.1:9901"), "args {args:?}");
         assert!(args.iter().any(|a| a == "--healthz-bind-address=0.0.0.0:10256"), "args {args:?}");
+
+        // The handoff socket's directory is the node's, so the surge pod finds the old pod there;
+        // and no hostPort (a containerPort with hostNetwork) keeps the surge pod off the node.
+        let socket = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--handoff-socket="))
+            .unwrap_or_else(|| panic!("--handoff-socket in args {args:?}"));
+        let dir = Path::new(socket).parent().and_then(Path::to_str).expect("socket directory");
+        let mount = ferry
+            .volume_mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|m| m.mount_path == dir)
+            .unwrap_or_else(|| panic!("{dir} mounted"));
+        let volume = pod
+            .volumes
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|v| v.name == mount.name)
+            .expect("the mounted volume");
+        assert_eq!(volume.host_path.as_ref().map(|h| h.path.as_str()), Some(dir), "a hostPath volume");
+        assert!(ferry.ports.as_deref().unwrap_or_default().is_empty(), "no hostPorts: {:?}", ferry.ports);
     }
 
     /// The ConfigMap the ferry container takes its environment from.

@@ -204,12 +204,15 @@ fn start_dns(dir: &ConfigDir, extra: &[&str]) -> (Ferry, u16) {
     start_dns_from(&["--config", &config], extra)
 }
 
-/// Starts `ferry dns` with `source` (`--config DIR` or `--kubeconfig FILE`).
+/// Starts `ferry dns` with `source` (`--config DIR` or `--kubeconfig FILE`), on a port it picks
+/// itself unless `extra` has `--listen`.
 fn start_dns_from(source: &[&str], extra: &[&str]) -> (Ferry, u16) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    cmd.arg("dns")
-        .args(source)
-        .args(["--listen", "127.0.0.1:0", "--admin-address", "127.0.0.1:0", "--log-format", "json"])
+    cmd.arg("dns").args(source);
+    if !extra.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.args(["--admin-address", "127.0.0.1:0", "--log-format", "json"])
         .args(["--reload-debounce", "50ms", "--worker-threads", "2"])
         .args(extra);
     let ferry = Ferry::spawn_command(cmd, None);
@@ -812,4 +815,37 @@ endpoints:
         y.push_str(&format!("- {e}\n"));
     }
     y
+}
+
+#[test]
+fn handoff_socket_moves_the_dns_sockets_to_a_new_process() {
+    let run = ConfigDir::new();
+    let socket = run.path().join("handoff.sock");
+    let handoff = ["--handoff-socket", socket.to_str().expect("utf-8 path"), "--no-forward"];
+    let service = |ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80}}]\n"
+        )
+    };
+    let old_dir = ConfigDir::new();
+    old_dir.write("web.yaml", &service("10.96.0.10"));
+    let (mut old, port) = start_dns(&old_dir, &handoff);
+    assert_eq!(dig(port, &[&n("web"), "A"]).rdata_sorted(), vec!["10.96.0.10".to_owned()]);
+
+    // The new process asks for the old one's port and gets its sockets (a fresh bind would fail:
+    // DNS sockets are not SO_REUSEPORT).
+    let new_dir = ConfigDir::new();
+    new_dir.write("web.yaml", &service("10.96.0.20"));
+    let listen = format!("127.0.0.1:{port}");
+    let (new, new_port) = start_dns(&new_dir, &[&handoff[..], &["--listen", &listen]].concat());
+    assert_eq!(new_port, port);
+    new.wait_log(DEADLINE, |l| msg(l) == "predecessor stopped accepting; takeover complete")
+        .expect("takeover complete");
+    old.wait_log(DEADLINE, |l| msg(l) == "drained after the handoff; waiting for SIGTERM to exit")
+        .expect("the old process drained");
+    old.signal(libc::SIGTERM);
+    assert_eq!(old.wait_exit(DEADLINE), Some(0));
+    // Answers come from the new configuration, over UDP and TCP.
+    assert_eq!(dig(port, &[&n("web"), "A"]).rdata_sorted(), vec!["10.96.0.20".to_owned()]);
+    assert_eq!(kdig_tcp(port, &[&n("web"), "A"]).rdata_sorted(), vec!["10.96.0.20".to_owned()]);
 }

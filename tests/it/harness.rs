@@ -220,6 +220,11 @@ impl Ferry {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, sig: i32) {
         let pid = i32::try_from(self.child.id()).expect("pid");
         // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).

@@ -71,3 +71,59 @@ fn a_broken_config_at_startup_exits_non_zero_naming_the_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.yaml") && stderr.contains("spec.address"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn handoff_socket_moves_listeners_to_a_new_process_with_a_new_config() {
+    let (a, b) = (TcpBackend::start("a").await, TcpBackend::start("b").await);
+    let (web, gone) =
+        (SocketAddr::from(([127, 0, 0, 1], free_port())), SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let run = ConfigDir::new();
+    let socket = run.path().join("handoff.sock");
+    let handoff = ["--handoff-socket", socket.to_str().expect("utf-8 path")];
+
+    let old_dir = ConfigDir::new();
+    old_dir.write(
+        "web.yaml",
+        &format!(
+            "{}---\n{}",
+            listener_yaml("web", web, "TCP", &[a.addr], ""),
+            listener_yaml("gone", gone, "TCP", &[a.addr], "")
+        ),
+    );
+    let mut old = Ferry::start(&old_dir, &handoff);
+    assert_eq!(tcp_hello(web).await.expect("old serves web"), "a");
+    let mut conn = tokio::net::TcpStream::connect(gone).await.expect("connect");
+    let mut greeting = [0u8; 2];
+    conn.read_exact(&mut greeting).await.expect("greeting");
+
+    // The new configuration sends web to b and has no `gone` listener.
+    let new_dir = ConfigDir::new();
+    new_dir.write("web.yaml", &listener_yaml("web", web, "TCP", &[b.addr], ""));
+    let new = Ferry::start(&new_dir, &handoff);
+    let took = new
+        .wait_log(DEADLINE, |l| msg(l) == "taking over from the running process")
+        .expect("the new process took over");
+    assert_eq!(took["pid"].as_u64(), Some(u64::from(old.pid())));
+    new.wait_log(DEADLINE, |l| msg(l) == "predecessor stopped accepting; takeover complete")
+        .expect("takeover complete");
+    for _ in 0..20 {
+        assert_eq!(tcp_hello(web).await.expect("web"), "b", "only the new process accepts on web");
+    }
+
+    // The old process drains its connection on `gone`, whose listener nobody took: it closes.
+    conn.write_all(b"drain").await.expect("write after the handoff");
+    let mut buf = [0u8; 5];
+    conn.read_exact(&mut buf).await.expect("echo after the handoff");
+    assert_eq!(&buf, b"drain");
+    drop(conn);
+    old.wait_log(DEADLINE, |l| msg(l) == "drained after the handoff; waiting for SIGTERM to exit")
+        .expect("drained");
+    let refused = tokio::net::TcpStream::connect(gone).await.expect_err("gone is closed");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(old.wait_exit(Duration::from_millis(200)), None, "waits for SIGTERM");
+    old.signal(libc::SIGTERM);
+    assert_eq!(old.wait_exit(DEADLINE), Some(0));
+    assert_eq!(tcp_hello(web).await.expect("web after the old process exited"), "b");
+    let (status, _) = new.get("/readyz");
+    assert_eq!(status, 200);
+}
