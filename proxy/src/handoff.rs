@@ -21,7 +21,10 @@
 //! The sockets are the same kernel sockets, not copies: their accept queues, options and bound
 //! addresses carry over, and a socket's last process to close it is the one that closes it. So a
 //! successor that does not want a socket (its configuration changed) closes its copy once it
-//! serves, and the socket closes when the predecessor stops.
+//! serves, and the socket closes when the predecessor stops. Options and file status flags
+//! (`O_NONBLOCK`) are shared too, so a successor uses an inherited socket as the predecessor set
+//! it up and changes nothing on it: every server sets its sockets up the same way in both
+//! processes (non-blocking, except DNS UDP, which is blocking with a read timeout).
 //!
 //! Who reads and writes what:
 //! - every server that binds (the listener manager, health and admin servers, DNS) asks
@@ -256,8 +259,9 @@ impl Handoff {
         Ok(Registration { handoff: Some((self.clone(), id)) })
     }
 
-    /// A listening TCP socket on `addr` (non-blocking, registered): the inherited one, or a new
-    /// one bound as Go's `net.Listen` binds (`SO_REUSEADDR`; dual-stack for `[::]`).
+    /// A listening TCP socket on `addr`, registered: the inherited one as the predecessor left
+    /// it, or a new non-blocking one bound as Go's `net.Listen` binds (`SO_REUSEADDR`;
+    /// dual-stack for `[::]`).
     pub fn tcp_listener(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -272,27 +276,28 @@ impl Handoff {
                 {
                     socket.set_only_v6(false)?;
                 }
+                socket.set_nonblocking(true)?;
                 socket.bind(&addr.into())?;
                 socket.listen(1024)?;
                 socket
             }
         };
-        socket.set_nonblocking(true)?;
         let registration = self.register(socket.as_fd())?;
         Ok((socket.into(), registration))
     }
 
-    /// A UDP socket on `addr` (non-blocking, registered): the inherited one, or a new one.
+    /// A UDP socket on `addr`, registered: the inherited one as the predecessor left it, or a
+    /// new non-blocking one.
     pub fn udp_socket(self: &Arc<Self>, addr: SocketAddr) -> io::Result<(std::net::UdpSocket, Registration)> {
         let socket = match self.take(SocketKey::udp(addr)) {
             Some(socket) => socket,
             None => {
                 let socket = Socket::new(socket2::Domain::for_address(addr), Type::DGRAM, None)?;
+                socket.set_nonblocking(true)?;
                 socket.bind(&addr.into())?;
                 socket
             }
         };
-        socket.set_nonblocking(true)?;
         let registration = self.register(socket.as_fd())?;
         Ok((socket.into(), registration))
     }
