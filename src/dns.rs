@@ -15,10 +15,7 @@ use ferry_dns::{DnsConfig, SnapshotFeed, Sockets, Upstreams};
 use ferry_model::{DnsKind, FrontendKey, ServiceKey, ServicePort, Snapshot};
 use ferry_proxy::{Binding, FrontendFilter, Handoff, handoff::Registration};
 use ferry_watch::{ClientConfig, KubeSourceOptions};
-use tokio::{
-    net::{TcpListener, UdpSocket},
-    sync::watch,
-};
+use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -122,7 +119,7 @@ pub(crate) fn bind(
                 Err(e) => return Err(e).with_context(|| format!("binding DNS TCP {bound}")),
             };
             tracing::info!(address = %bound, "dns listening");
-            sockets.udp.push(UdpSocket::from_std(udp).context("registering the DNS UDP socket")?);
+            sockets.udp.push(udp);
             sockets.tcp.push(TcpListener::from_std(tcp).context("registering the DNS TCP socket")?);
             registrations.extend([udp_registration, tcp_registration]);
             break;

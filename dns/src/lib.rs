@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use ferry_model::Snapshot;
 use tokio::{
-    net::{TcpListener, UdpSocket},
+    net::TcpListener,
     sync::{Semaphore, watch},
 };
 use tokio_util::sync::CancellationToken;
@@ -71,8 +71,9 @@ impl Default for DnsConfig {
 /// Already-bound sockets to serve on (UDP and TCP normally share a port).
 #[derive(Debug, Default)]
 pub struct Sockets {
-    /// UDP sockets.
-    pub udp: Vec<UdpSocket>,
+    /// UDP sockets, not registered with tokio: each is served by blocking threads, so it is
+    /// made blocking, with a receive timeout for shutdown checks.
+    pub udp: Vec<std::net::UdpSocket>,
     /// TCP listeners.
     pub tcp: Vec<TcpListener>,
 }

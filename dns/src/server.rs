@@ -22,7 +22,7 @@ use std::{
 use arc_swap::ArcSwapOption;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
 use tokio_util::sync::CancellationToken;
@@ -238,8 +238,7 @@ pub(crate) fn udp_loop(
 }
 
 /// Prepares a socket for [`udp_loop`]: blocking, with a receive timeout for shutdown checks.
-pub(crate) fn blocking_udp(socket: UdpSocket) -> io::Result<std::net::UdpSocket> {
-    let socket = socket.into_std()?;
+pub(crate) fn blocking_udp(socket: std::net::UdpSocket) -> io::Result<std::net::UdpSocket> {
     socket.set_nonblocking(false)?;
     socket.set_read_timeout(Some(UDP_SHUTDOWN_POLL))?;
     Ok(socket)

@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use ferry_model::Index;
 use k8s_openapi::api::core::v1::Service;
+use tokio::net::UdpSocket;
 
 use super::*;
 
@@ -23,7 +24,7 @@ const WEB: &[u8] = b"\x03web\x02ns\x03svc\x07cluster\x05local\x00";
 
 #[tokio::test]
 async fn servfail_until_the_first_snapshot_then_answers() {
-    let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let addr = server.local_addr().expect("addr");
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let shutdown = CancellationToken::new();
