@@ -13,8 +13,9 @@
 //!                                  ◀──      end <pid> <count>
 //!  ... binds: every socket it wants that the old one had is taken, not bound;
 //!      both processes accept on the shared sockets meanwhile ...
-//!  serving                         ──▶      stops accepting everywhere, drains its connections
+//!  serving                         ──▶      tells every server to stop accepting, drains
 //!                                  ◀──      stopped
+//!  (a connection the old one accepted before its accept loops saw the stop is served by it)
 //!  listens on PATH for its own successor
 //! ```
 //!
@@ -31,8 +32,8 @@
 //!   [`Handoff::take`] for an inherited socket before binding, and [`Handoff::register`]s the
 //!   socket it serves on; the [`Registration`] holds a duplicate descriptor until dropped, which
 //!   the owner does when it stops serving that socket;
-//! - [`Handoff::serve`], started once the process serves, completes its own takeover and then
-//!   hands the registered sockets to a successor.
+//! - once the process serves, [`Handoff::complete_takeover`] closes what nobody took and tells
+//!   the predecessor to stop; then [`Handoff::serve`] hands the registered sockets to a successor.
 //!
 //! A disabled [`Handoff`] (no path) takes nothing and registers nothing.
 
@@ -324,7 +325,7 @@ impl Handoff {
             peer.expect("stopped").await
         });
         match stopped.await {
-            Ok(Ok(())) => tracing::info!(pid, "predecessor stopped accepting; takeover complete"),
+            Ok(Ok(())) => tracing::info!(pid, "takeover complete: the predecessor stops accepting"),
             Ok(Err(error)) => tracing::warn!(%error, "predecessor did not confirm it stopped"),
             Err(_) => tracing::warn!(pid, "predecessor did not confirm it stopped in time"),
         }

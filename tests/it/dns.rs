@@ -839,7 +839,7 @@ fn handoff_socket_moves_the_dns_sockets_to_a_new_process() {
     let listen = format!("127.0.0.1:{port}");
     let (new, new_port) = start_dns(&new_dir, &[&handoff[..], &["--listen", &listen]].concat());
     assert_eq!(new_port, port);
-    new.wait_log(DEADLINE, |l| msg(l) == "predecessor stopped accepting; takeover complete")
+    new.wait_log(DEADLINE, |l| msg(l) == "takeover complete: the predecessor stops accepting")
         .expect("takeover complete");
     old.wait_log(DEADLINE, |l| msg(l) == "drained after the handoff; waiting for SIGTERM to exit")
         .expect("the old process drained");

@@ -104,11 +104,8 @@ async fn handoff_socket_moves_listeners_to_a_new_process_with_a_new_config() {
         .wait_log(DEADLINE, |l| msg(l) == "taking over from the running process")
         .expect("the new process took over");
     assert_eq!(took["pid"].as_u64(), Some(u64::from(old.pid())));
-    new.wait_log(DEADLINE, |l| msg(l) == "predecessor stopped accepting; takeover complete")
+    new.wait_log(DEADLINE, |l| msg(l) == "takeover complete: the predecessor stops accepting")
         .expect("takeover complete");
-    for _ in 0..20 {
-        assert_eq!(tcp_hello(web).await.expect("web"), "b", "only the new process accepts on web");
-    }
 
     // The old process drains its connection on `gone`, whose listener nobody took: it closes.
     conn.write_all(b"drain").await.expect("write after the handoff");
@@ -118,6 +115,9 @@ async fn handoff_socket_moves_listeners_to_a_new_process_with_a_new_config() {
     drop(conn);
     old.wait_log(DEADLINE, |l| msg(l) == "drained after the handoff; waiting for SIGTERM to exit")
         .expect("drained");
+    for _ in 0..20 {
+        assert_eq!(tcp_hello(web).await.expect("web"), "b", "only the new process accepts on web");
+    }
     let refused = tokio::net::TcpStream::connect(gone).await.expect_err("gone is closed");
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     assert_eq!(old.wait_exit(Duration::from_millis(200)), None, "waits for SIGTERM");

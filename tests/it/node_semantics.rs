@@ -1104,7 +1104,7 @@ async fn restart_with_a_handoff_socket_refuses_no_connection() {
         .wait_log(DEADLINE, |l| msg(l) == "taking over from the running process")
         .expect("the new process found the old one");
     assert!(took["sockets"].as_u64().unwrap_or(0) >= 3, "VIP TCP, VIP UDP and healthz at least: {took}");
-    new.wait_log(DEADLINE, |l| msg(l) == "predecessor stopped accepting; takeover complete")
+    new.wait_log(DEADLINE, |l| msg(l) == "takeover complete: the predecessor stops accepting")
         .expect("the old process confirmed it stopped");
     old.wait_log(DEADLINE, |l| msg(l).starts_with("handed over to a successor"))
         .expect("the old process drains after the handoff");
