@@ -13,28 +13,35 @@
 //! A sync here is exactly the data-path part of `ferry node`'s sync (`src/node.rs`):
 //! `host::frontend_address_changes` + `VipDevice::update`, then `Manager::apply_changes`. The
 //! Prometheus recorder is installed, so per-listener metric series count in the memory figure.
+//! The manager registers its sockets with a [`Handoff`], as the DaemonSet runs it
+//! (`--handoff-socket`); at the end a second manager takes them all over, as a restart does.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use ferry_model::{FrontendKey, Index, NodeInfo, Protocol, Snapshot};
 use ferry_proxy::{
-    Manager, NodeConfig, NodeFrontends, ProxyConfig,
+    Handoff, Manager, NodeConfig, NodeFrontends, ProxyConfig,
     health::metrics::no_local_endpoints,
     host::{self, VipDevice},
 };
 use futures::TryStreamExt;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 const NODE: &str = "node-a";
 const DEVICE: &str = "ferry0";
 const ENDPOINTS_PER_SERVICE: usize = 10;
-/// File descriptors kept free beyond one per Service (runtime, netlink, stdio).
+/// File descriptors kept free beyond those per Service (runtime, netlink, stdio).
 const FD_MARGIN: u64 = 256;
+/// Descriptors per Service in the handoff run: its socket and the handoff's duplicate, twice over
+/// while a second manager in this process takes them over (in a real restart, two per process).
+const HANDOFF_FDS_PER_SERVICE: u64 = 4;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -46,9 +53,9 @@ fn main() {
     let changes = env("CHANGES", 500);
     let additions = env("ADDITIONS", 50);
 
-    let (soft, hard) = sys::raise_nofile();
+    let (soft, hard) = sys::raise_nofile(services as u64 * HANDOFF_FDS_PER_SERVICE + FD_MARGIN);
     let fit = hard.saturating_sub(FD_MARGIN + additions as u64) as usize;
-    let mut note = format!("RLIMIT_NOFILE soft {soft} -> {hard} (hard limit)");
+    let mut note = format!("RLIMIT_NOFILE soft {soft} -> {hard}");
     if fit < services {
         note.push_str(&format!("; scaled down from {services} to {fit} Services to fit"));
         services = fit;
@@ -57,6 +64,8 @@ fn main() {
         sys::unshare_net();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(run(services, changes, additions, note));
+        let fit = (hard.saturating_sub(FD_MARGIN) / HANDOFF_FDS_PER_SERVICE) as usize;
+        rt.block_on(handoff(services.min(fit), hard));
     });
     if let Err(panic) = thread.join() {
         std::panic::resume_unwind(panic);
@@ -190,11 +199,7 @@ async fn run(services: usize, changes: usize, additions: usize, note: String) {
     assert_eq!(snapshot.frontends.len(), services);
 
     // Full sync: every address onto the device, one socket per Service.
-    let filter = NodeFrontends::new(NodeConfig {
-        node_port_addresses: vec![],
-        local_sources: vec!["10.128.0.0/9".parse().expect("cidr")],
-    });
-    let mut manager = Manager::new(ProxyConfig { filter: Arc::new(filter), ..ProxyConfig::default() });
+    let mut manager = Manager::new(config(Handoff::disabled()));
     let mut device = VipDevice::ensure(DEVICE).await.expect("VIP device");
     let fds_before = sys::open_fds();
     let t = Instant::now();
@@ -349,6 +354,88 @@ async fn run(services: usize, changes: usize, additions: usize, note: String) {
     node.manager.shutdown().await;
 }
 
+/// A restart with `--handoff-socket` at `services` Services (as many as fit the descriptor limit
+/// `hard`): one manager binds them and registers them with its handoff, a second one takes them
+/// all over. Prints a table of its own.
+async fn handoff(services: usize, hard: u64) {
+    let mut index = Index::new(Some(NodeInfo { name: NODE.into(), zone: None }));
+    for i in 0..services {
+        let name = format!("svc-{i}");
+        index.apply_service(&service(&name, cluster_ip(96, i)));
+        let ips: Vec<IpAddr> =
+            (0..ENDPOINTS_PER_SERVICE).map(|k| endpoint_ip(i * ENDPOINTS_PER_SERVICE + k)).collect();
+        index.apply_endpoint_slice(&slice(&name, &ips));
+    }
+    let snapshot = index.build();
+    let mut device = VipDevice::ensure(DEVICE).await.expect("VIP device");
+    device.sync(&host::frontend_addresses(&snapshot)).await.expect("VIP sync");
+
+    let run_dir = std::env::temp_dir().join(format!("ferry-node-scale-{}", std::process::id()));
+    let path: PathBuf = run_dir.join("handoff.sock");
+    let handoff = Handoff::without_predecessor(Some(path.clone()));
+    let mut old = Manager::new(config(handoff.clone()));
+    let t = Instant::now();
+    let errors = old.apply(&snapshot);
+    let registered = t.elapsed();
+    assert!(errors.is_empty(), "{:?}", errors.first());
+    let (handed_over, stop) = (CancellationToken::new(), CancellationToken::new());
+    let serving = tokio::spawn(handoff.clone().serve(handed_over.clone(), stop.clone()));
+    while !path.exists() {
+        tokio::task::yield_now().await;
+    }
+
+    let t = Instant::now();
+    let successor = Handoff::take_over(path.clone()).await.expect("take over");
+    let received = t.elapsed();
+    let inherited = successor.inherited();
+    assert_eq!(inherited, services, "every socket handed over");
+    let mut new = Manager::new(config(successor.clone()));
+    let t = Instant::now();
+    let errors = new.apply(&snapshot);
+    let taken = t.elapsed();
+    assert!(errors.is_empty(), "{:?}", errors.first());
+    assert_eq!(successor.inherited(), 0, "every inherited socket taken, none bound anew");
+    let t = Instant::now();
+    successor.complete_takeover().await;
+    let stopped = t.elapsed();
+    assert!(handed_over.is_cancelled(), "the predecessor was told to stop");
+    let _ = serving.await;
+
+    let mut table = Table::default();
+    table.row(
+        "Services (listening sockets)",
+        services.to_string(),
+        &format!("as many as fit {hard} descriptors at {HANDOFF_FDS_PER_SERVICE} per Service in one process"),
+    );
+    table.row(
+        "listeners bound and registered",
+        ms(registered),
+        "`Manager::apply` binding every socket, each registered (one duplicate descriptor each)",
+    );
+    table.row(
+        "restart: sockets received / listeners up / predecessor stopped",
+        format!("{} / {} / {}", ms(received), ms(taken), ms(stopped)),
+        &format!(
+            "{inherited} sockets over the Unix socket; `Manager::apply` on inherited sockets (no bind); \
+             `serving` -> `stopped`"
+        ),
+    );
+    table.print();
+    stop.cancel();
+    old.shutdown().await;
+    new.shutdown().await;
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+/// The node proxy's manager, registering its sockets with `handoff`.
+fn config(handoff: Arc<Handoff>) -> ProxyConfig {
+    let filter = NodeFrontends::new(NodeConfig {
+        node_port_addresses: vec![],
+        local_sources: vec!["10.128.0.0/9".parse().expect("cidr")],
+    });
+    ProxyConfig { filter: Arc::new(filter), handoff, ..ProxyConfig::default() }
+}
+
 /// Brings `lo` up in the new namespace.
 async fn lo_up() {
     let (conn, handle, _) = rtnetlink::new_connection().expect("netlink");
@@ -374,13 +461,21 @@ mod sys {
         }
     }
 
-    /// Raises the soft RLIMIT_NOFILE to the hard limit; returns (old soft, hard).
-    pub(super) fn raise_nofile() -> (u64, u64) {
+    /// Raises RLIMIT_NOFILE to `want` (both limits; raising the hard one needs root), else the
+    /// soft limit to the hard one; returns (old soft, new soft).
+    pub(super) fn raise_nofile(want: u64) -> (u64, u64) {
         let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
         let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
         assert_eq!(rc, 0, "getrlimit: {}", io::Error::last_os_error());
         let soft = lim.rlim_cur;
+        if lim.rlim_max < want {
+            let raised = libc::rlimit { rlim_cur: want, rlim_max: want };
+            // SAFETY: `raised` is a valid rlimit; on failure nothing changes.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                return (soft, want);
+            }
+        }
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: `lim` is a valid rlimit read above; only the soft limit changed.
         let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
