@@ -459,6 +459,64 @@ async fn udp_echo_spreads_and_passes_large_datagrams() {
     assert!(r[1..] == big[..]);
 }
 
+/// A UDP backend that answers each datagram with `[id] ++ data` after `delay`, and reports each
+/// datagram as it arrives.
+async fn slow_udp_backend(
+    id: u8,
+    delay: Duration,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>, JoinHandle<()>) {
+    let s = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let addr = s.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, peer)) = s.recv_from(&mut buf).await {
+            let _ = tx.send(buf[..n].to_vec());
+            let mut reply = vec![id];
+            reply.extend_from_slice(&buf[..n]);
+            let s = s.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = s.send_to(&reply, peer).await;
+            });
+        }
+    });
+    (addr, rx, task)
+}
+
+#[tokio::test]
+async fn a_stopped_udp_listener_still_delivers_the_replies_it_owes() {
+    let delay = Duration::from_millis(300);
+    let (a, mut received, _ta) = slow_udp_backend(1, delay).await;
+    let mut h = Harness::new(DEADLINE);
+    let l = udp_listener(&[a], Duration::from_secs(30));
+    let key = l.key.clone();
+    h.set(l);
+    let proxy = h.addr(Protocol::Udp, "127.0.0.1:0");
+    // One client's exchange is complete: its flow owes nothing.
+    let done = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    assert_eq!(udp_ask(&done, proxy, b"done").await, b"\x01done");
+    assert_eq!(received.recv().await.as_deref(), Some(&b"done"[..]));
+
+    // Another's query has reached the endpoint when the listener is removed (or handed over).
+    let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    c.send_to(b"late", proxy).await.expect("send");
+    assert_eq!(received.recv().await.as_deref(), Some(&b"late"[..]));
+    h.index.delete_listener(&key);
+    h.apply();
+
+    // The answer still comes, from the frontend address; nothing new is read.
+    let mut buf = vec![0u8; 1500];
+    let (n, from) =
+        tokio::time::timeout(DEADLINE, c.recv_from(&mut buf)).await.expect("reply in time").expect("recv");
+    assert_eq!((&buf[..n], from), (&b"\x01late"[..], proxy));
+    c.send_to(b"after", proxy).await.expect("send");
+    assert!(
+        tokio::time::timeout(delay * 2, received.recv()).await.is_err(),
+        "a datagram after the stop reached the endpoint"
+    );
+}
+
 #[tokio::test]
 async fn udp_flows_expire_after_idle() {
     let (a, _ta) = udp_backend(1).await;

@@ -14,6 +14,11 @@
 //! - A client the routes drop (source ranges, Local policy without local endpoints) gets no flow;
 //!   its datagrams are discarded and counted (`ferry_listener_dropped_total`).
 //! - The table holds at most `max_flows`; when full, idle flows go first, then the oldest eighth.
+//! - When the listener stops (removed, shutdown, or handed to a successor process), no datagram
+//!   is read any more, but a flow whose last datagram was the client's keeps its reply task until
+//!   the endpoint's reply has gone out, for at most [`REPLY_WAIT`] (or the port's idle timeout if
+//!   shorter, or until the drain ends): a query in flight at a restart is answered. Every other
+//!   flow is dropped at once.
 //! - Reply tasks read into one per-thread buffer, so a flow costs two sockets' worth of kernel
 //!   state, one small allocation and one task, never a datagram buffer of its own.
 //!
@@ -29,7 +34,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -45,6 +50,11 @@ use crate::state::{ListenerState, Route, Upstreams};
 pub const BUFFER: usize = 65_536;
 /// Default bound on flows per listener.
 pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+/// How long a stopped listener waits for the reply to a datagram it already relayed (a DNS
+/// client retries after about as long).
+pub const REPLY_WAIT: Duration = Duration::from_secs(5);
+/// How often a stopped listener checks whether the replies it waits for have gone out.
+const REPLY_POLL: Duration = Duration::from_millis(20);
 
 thread_local! {
     static REPLY_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUFFER].into_boxed_slice());
@@ -54,6 +64,8 @@ struct FlowShared {
     upstream: UdpSocket,
     /// Milliseconds since the listener's epoch of the last datagram in either direction.
     last: AtomicU64,
+    /// Whether the last datagram was the client's: its reply may still come.
+    awaits_reply: AtomicBool,
 }
 
 struct Flow {
@@ -80,7 +92,8 @@ fn sweep_period(idle: Duration) -> Duration {
 }
 
 /// Relays datagrams received on `socket` to endpoints of `state`'s pool until `stop` is
-/// cancelled; then every flow is dropped. At most `max_flows` flows exist at once.
+/// cancelled; then waits for the replies still due (see the module docs) and drops every flow. At
+/// most `max_flows` flows exist at once.
 pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, max_flows: usize, stop: CancellationToken) {
     let socket = Arc::new(socket);
     let max_flows = max_flows.max(1);
@@ -115,6 +128,23 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, max_flows: usiz
         }
     }
     tracing::debug!(listener = %state.name(), flows = flows.len(), "stopped receiving");
+    let wait = state.upstreams().pool().port().timeouts.udp_idle.min(REPLY_WAIT);
+    let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    let drain = state.drain_token().clone();
+    loop {
+        let now = now_ms(epoch);
+        flows.retain(|_, f| {
+            f.shared.awaits_reply.load(Ordering::Relaxed)
+                && now.saturating_sub(f.shared.last.load(Ordering::Relaxed)) < wait_ms
+        });
+        if flows.is_empty() {
+            break;
+        }
+        tokio::select! {
+            () = drain.cancelled() => break,
+            () = tokio::time::sleep(REPLY_POLL) => {}
+        }
+    }
 }
 
 /// Turns on destination-address reporting when `socket` is bound to an unspecified address.
@@ -237,6 +267,7 @@ fn on_datagram(
     match sent {
         Ok(_) => {
             flow.shared.last.store(now, Ordering::Relaxed);
+            flow.shared.awaits_reply.store(true, Ordering::Relaxed);
             state.metrics.datagrams_rx.increment(1);
             state.metrics.rx.increment(data.len() as u64);
         }
@@ -272,7 +303,11 @@ fn new_flow(
             return None;
         }
     };
-    let shared = Arc::new(FlowShared { upstream, last: AtomicU64::new(now_ms(epoch)) });
+    let shared = Arc::new(FlowShared {
+        upstream,
+        last: AtomicU64::new(now_ms(epoch)),
+        awaits_reply: AtomicBool::new(true),
+    });
     let task =
         state.tasks.spawn(reply(shared.clone(), frontend.clone(), client, local, state.clone(), epoch));
     state.metrics.connections.increment(1);
@@ -320,6 +355,7 @@ async fn reply(
         match r {
             Ok(n) => {
                 shared.last.store(now_ms(epoch), Ordering::Relaxed);
+                shared.awaits_reply.store(false, Ordering::Relaxed);
                 state.metrics.datagrams_tx.increment(1);
                 state.metrics.tx.increment(n as u64);
             }
