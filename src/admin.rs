@@ -19,7 +19,7 @@ use ferry_watch::Snapshots;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 /// What the admin routes read.
@@ -40,6 +40,14 @@ pub(crate) struct AdminState {
 pub(crate) async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     let handler: Arc<Handler> = Arc::new(move |req, _local| route(&state, req));
     http::serve(listener, handler, shutdown).await;
+}
+
+/// [`serve`] on a Unix socket (`--admin-socket`): unlike a TCP port, which a successor shares
+/// during a handoff, it reaches this process only, so an exec probe (`ferry probe`) reports this
+/// process's readiness.
+pub(crate) async fn serve_unix(listener: UnixListener, state: AdminState, shutdown: CancellationToken) {
+    let handler: Arc<Handler> = Arc::new(move |req, _local| route(&state, req));
+    http::serve_unix(listener, handler, shutdown).await;
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -40,6 +40,25 @@ pub(crate) enum Command {
     Dns(crate::dns::DnsArgs),
     /// Validate a directory of manifests and print what would be served; exits non-zero on any error.
     Check(CheckArgs),
+    /// GET an admin path over `--admin-socket` and exit 0 on 200 (an exec probe that reaches this
+    /// pod's process even while a successor shares its ports).
+    Probe(ProbeArgs),
+}
+
+/// `ferry probe`.
+#[derive(Debug, Args)]
+pub(crate) struct ProbeArgs {
+    /// The admin Unix socket (`--admin-socket` of the process to ask).
+    #[arg(long)]
+    pub(crate) socket: PathBuf,
+
+    /// The admin path.
+    #[arg(default_value = "/readyz")]
+    pub(crate) path: String,
+
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub(crate) timeout: Duration,
 }
 
 /// `ferry lb`.
@@ -165,6 +184,12 @@ pub(crate) struct RunArgs {
     /// stops accepting, drains, and waits for SIGTERM); once serving, listen here for the next.
     #[arg(long, env = "FERRY_HANDOFF_SOCKET")]
     pub(crate) handoff_socket: Option<PathBuf>,
+
+    /// Also serve the admin routes on this Unix socket. It belongs to this process alone (a
+    /// successor taking over the admin port does not take it), so `ferry probe` through it reports
+    /// this process's readiness.
+    #[arg(long, env = "FERRY_ADMIN_SOCKET")]
+    pub(crate) admin_socket: Option<PathBuf>,
 }
 
 /// `ferry check`.

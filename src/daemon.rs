@@ -176,6 +176,25 @@ impl Daemon {
             admin_tasks.push(tokio::spawn(admin::serve(listener, admin_state.clone(), admin_stop.clone())));
         }
 
+        if let Some(path) = &run.admin_socket {
+            // A file left by an earlier process of this pod (the path is per pod).
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e)
+                        .with_context(|| format!("removing the old admin socket {}", path.display()));
+                }
+                _ => {}
+            }
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("binding the admin socket {}", path.display()))?;
+            tracing::info!(path = %path.display(), "admin socket listening");
+            admin_tasks.push(tokio::spawn(admin::serve_unix(
+                listener,
+                admin_state.clone(),
+                admin_stop.clone(),
+            )));
+        }
+
         let source_stop = CancellationToken::new();
         let mut source_task = match source {
             Source::Files { dir, node, proxy_name } => {

@@ -12,6 +12,7 @@ mod daemon;
 mod dns;
 mod lb;
 mod node;
+mod probe;
 mod telemetry;
 
 use std::process::ExitCode;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Check(args) => return check::run(&args),
+        Command::Probe(args) => return probe::run(&args),
         Command::Lb(args) => lb::run(args),
         Command::Node(args) => node::run(*args),
         Command::Dns(args) => dns::run(args),

@@ -193,14 +193,31 @@ impl Objects {
         assert_ne!(pod.automount_service_account_token, Some(false));
         assert_eq!(pod.service_account_name.as_deref(), self.service_accounts[0].metadata.name.as_deref());
 
-        // Probes: kube-proxy's :10256/livez and the admin server's /readyz on the node's loopback.
+        // Probes: kube-proxy's :10256/livez, and `ferry probe` asking this pod's process for /readyz
+        // over its own admin socket (the admin port is shared with a successor during a handoff).
         let live = ferry.liveness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("liveness");
         assert_eq!((live.path.as_deref(), &live.port), (Some("/livez"), &IntOrString::Int(10256)));
-        let ready = ferry.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("readiness");
+        let ready = ferry.readiness_probe.as_ref().and_then(|p| p.exec.as_ref()).expect("exec readiness");
+        let command = ready.command.as_deref().unwrap_or_default();
+        let admin_socket = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--admin-socket="))
+            .unwrap_or_else(|| panic!("--admin-socket in args {args:?}"));
         assert_eq!(
-            (ready.host.as_deref(), ready.path.as_deref(), &ready.port),
-            (Some("127.0.0.1"), Some("/readyz"), &IntOrString::Int(9901))
+            command,
+            ["/usr/local/bin/ferry", "probe", "--socket", admin_socket, "/readyz"],
+            "the probe asks this process's admin socket"
         );
+        let dir = Path::new(admin_socket).parent().and_then(Path::to_str).expect("socket directory");
+        let mount = ferry
+            .volume_mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|m| m.mount_path == dir)
+            .unwrap_or_else(|| panic!("{dir} mounted"));
+        let volume = pod.volumes.as_deref().unwrap_or_default().iter().find(|v| v.name == mount.name);
+        assert!(volume.and_then(|v| v.empty_dir.as_ref()).is_some(), "a per-pod emptyDir: {volume:?}");
         assert!(args.iter().any(|a| a == "--admin-address=127.0.0.1:9901"), "args {args:?}");
         assert!(args.iter().any(|a| a == "--healthz-bind-address=0.0.0.0:10256"), "args {args:?}");
 

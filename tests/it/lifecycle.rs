@@ -81,6 +81,20 @@ async fn handoff_socket_moves_listeners_to_a_new_process_with_a_new_config() {
     let socket = run.path().join("handoff.sock");
     let handoff = ["--handoff-socket", socket.to_str().expect("utf-8 path")];
 
+    // Each process's own admin socket: the exec readiness probe of the DaemonSet.
+    let (old_admin, new_admin) = (run.path().join("old-admin.sock"), run.path().join("new-admin.sock"));
+    let probe = |socket: &std::path::Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["probe", "--socket"])
+            .arg(socket)
+            .output()
+            .expect("run ferry probe");
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+
     let old_dir = ConfigDir::new();
     old_dir.write(
         "web.yaml",
@@ -90,8 +104,13 @@ async fn handoff_socket_moves_listeners_to_a_new_process_with_a_new_config() {
             listener_yaml("gone", gone, "TCP", &[a.addr], "")
         ),
     );
-    let mut old = Ferry::start(&old_dir, &handoff);
+    let mut old = Ferry::start(
+        &old_dir,
+        &[&handoff[..], &["--admin-socket", old_admin.to_str().expect("utf-8")]].concat(),
+    );
     assert_eq!(tcp_hello(web).await.expect("old serves web"), "a");
+    let (ready, answer) = probe(&old_admin);
+    assert!(ready, "the old process is ready: {answer}");
     let mut conn = tokio::net::TcpStream::connect(gone).await.expect("connect");
     let mut greeting = [0u8; 2];
     conn.read_exact(&mut greeting).await.expect("greeting");
@@ -99,13 +118,21 @@ async fn handoff_socket_moves_listeners_to_a_new_process_with_a_new_config() {
     // The new configuration sends web to b and has no `gone` listener.
     let new_dir = ConfigDir::new();
     new_dir.write("web.yaml", &listener_yaml("web", web, "TCP", &[b.addr], ""));
-    let new = Ferry::start(&new_dir, &handoff);
+    let new = Ferry::start(
+        &new_dir,
+        &[&handoff[..], &["--admin-socket", new_admin.to_str().expect("utf-8")]].concat(),
+    );
     let took = new
         .wait_log(DEADLINE, |l| msg(l) == "taking over from the running process")
         .expect("the new process took over");
     assert_eq!(took["pid"].as_u64(), Some(u64::from(old.pid())));
     new.wait_log(DEADLINE, |l| msg(l) == "takeover complete: the predecessor stops accepting")
         .expect("takeover complete");
+    // Both share the admin port now, but each pod's probe reaches its own process.
+    let (ready, answer) = probe(&old_admin);
+    assert!(!ready && answer.contains("503"), "the old process is draining: {answer}");
+    let (ready, answer) = probe(&new_admin);
+    assert!(ready && answer.starts_with("200"), "the new process is ready: {answer}");
 
     // The old process drains its connection on `gone`, whose listener nobody took: it closes.
     conn.write_all(b"drain").await.expect("write after the handoff");

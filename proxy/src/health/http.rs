@@ -1,5 +1,5 @@
 //! The HTTP/1 plumbing shared by the health servers and the binary's admin server: an accept
-//! loop on an already-bound listener ([`serve`]), and responses laid out the way Go's `net/http`
+//! loop on an already-bound listener ([`serve`], [`serve_unix`]), and responses laid out the way Go's `net/http`
 //! writes them.
 //!
 //! Go writes the handler's headers sorted by name, then `Date`, then `Content-Length`, all in
@@ -14,7 +14,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header::HeaderName};
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 use super::clock::{Clock, http_date};
@@ -31,36 +31,62 @@ pub async fn serve(listener: TcpListener, handler: Arc<Handler>, stop: Cancellat
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(error) => {
-                    tracing::warn!(%error, "HTTP accept failed");
-                    // EMFILE and friends: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(&error).await;
                     continue;
                 }
             },
         };
         let Ok(local) = stream.local_addr() else { continue };
-        let handler = handler.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let resp = handler(&req, local);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .title_case_headers(true)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => if let Err(error) = res { tracing::debug!(%error, "HTTP connection"); },
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    // Bounded: an idle keep-alive peer must not hold the task forever.
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        tokio::spawn(connection(stream, local, handler.clone(), stop.clone()));
+    }
+}
+
+/// [`serve`] on a Unix socket; handlers see `0.0.0.0:0` as the local address.
+pub async fn serve_unix(listener: UnixListener, handler: Arc<Handler>, stop: CancellationToken) {
+    let local = SocketAddr::from(([0, 0, 0, 0], 0));
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    accept_failed(&error).await;
+                    continue;
                 }
-            }
-        });
+            },
+        };
+        tokio::spawn(connection(stream, local, handler.clone(), stop.clone()));
+    }
+}
+
+async fn accept_failed(error: &std::io::Error) {
+    tracing::warn!(%error, "HTTP accept failed");
+    // EMFILE and friends: back off instead of spinning.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// One HTTP/1 connection, closed gracefully (bounded) when `stop` fires.
+async fn connection<S>(stream: S, local: SocketAddr, handler: Arc<Handler>, stop: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let resp = handler(&req, local);
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .title_case_headers(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => if let Err(error) = res { tracing::debug!(%error, "HTTP connection"); },
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            // Bounded: an idle keep-alive peer must not hold the task forever.
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
     }
 }
 
