@@ -284,7 +284,8 @@ impl Syncer {
         if ok {
             self.health.updated();
         }
-        for error in self.service_health.sync(snapshot).await {
+        let health_errors = self.service_health.sync(snapshot).await;
+        for error in &health_errors {
             tracing::warn!(%error, "healthCheckNodePort server could not bind; will retry");
         }
         if ok && let Some(last) = &self.last {
@@ -292,7 +293,9 @@ impl Syncer {
         }
         self.last = Some(snapshot.clone());
         tracing::debug!(version = snapshot.version, elapsed_us = elapsed.as_micros() as u64, "synced");
-        ok
+        // A health port still held by another process (a predecessor that opened it after the
+        // handoff) is retried like the rest, without waiting for the next change.
+        ok && health_errors.is_empty()
     }
 }
 

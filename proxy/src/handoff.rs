@@ -334,8 +334,8 @@ impl Handoff {
 
     /// Call after [`Handoff::complete_takeover`]: listens on the path and hands every registered
     /// socket to the first successor that asks; when that successor serves, cancels
-    /// `handed_over` and stops listening on the path, then confirms the stop to it, and returns. Returns at once when disabled, and when
-    /// `stop` is cancelled.
+    /// `handed_over` and stops listening on the path, then confirms the stop to it, and returns.
+    /// Returns at once when disabled, and when `stop` is cancelled.
     pub async fn serve(
         self: Arc<Self>,
         handed_over: CancellationToken,
@@ -379,8 +379,9 @@ impl Handoff {
             _ => return Err(peer.error(format!("expected 'take <pid>', got {:?}", hello.text))),
         };
         peer.pid = pid;
-        // Duplicates of this moment's sockets: sockets opened later are bound by the successor
-        // itself (all of Ferry's data-plane sockets are SO_REUSEPORT).
+        // Duplicates of this moment's sockets. The successor binds sockets opened later itself:
+        // data-plane ones beside these (SO_REUSEPORT), others (a new healthCheckNodePort) by
+        // retrying once this process has closed them.
         let sockets: Vec<(SocketKey, OwnedFd)> = {
             let inner = self.lock();
             inner.live.values().filter_map(|(key, fd)| Some((*key, fd.try_clone().ok()?))).collect()

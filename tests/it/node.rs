@@ -507,6 +507,42 @@ async fn health_check_node_port_and_proxy_healthz_answer_like_kube_proxy() {
     assert_eq!(status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_health_check_node_port_held_by_another_process_is_retried_until_free() {
+    let c = Cluster::new();
+    let _a = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a");
+    c.dir.write(
+        "lb.yaml",
+        &format!(
+            "{}---\n{}",
+            service_yaml(
+                "lb",
+                "  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+                &[("http", "TCP", 80, 8080, Some(30090))]
+            ),
+            slice_yaml("lb-1", "lb", "IPv4", &[("10.244.1.10", "node-a", true)], &[("http", "TCP", 8080)])
+        ),
+    );
+    // Another process holds the port (a predecessor that opened it after a handoff, say).
+    let holder = c.node.tcp_listener(sa("0.0.0.0:32000"));
+    let ferry = c.start(&[]);
+    ferry
+        .wait_log(DEADLINE, |l| msg(l) == "failed to start healthcheck")
+        .expect("the bind failure is logged");
+    drop(holder);
+
+    // Retried without any change to the configuration.
+    let start = std::time::Instant::now();
+    while c.client.enter(|| std::net::TcpStream::connect(sa("192.168.100.1:32000"))).is_err() {
+        assert!(start.elapsed() < DEADLINE, "the health check port was never bound");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, body) = c.client.enter(|| http_get(sa("192.168.100.1:32000"), "/"));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["localEndpoints"], 1, "{body}");
+}
+
 #[test]
 fn cleanup_removes_the_vip_device() {
     let node = Netns::new("cleanup");
