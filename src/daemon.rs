@@ -4,6 +4,12 @@
 //! [`Daemon::start`] binds the admin server, starts the source and waits for the first snapshot
 //! (the initial sync); the command then builds its data plane over [`Daemon::snapshots`] and
 //! calls [`Daemon::serving`] once that data plane serves, which is what `/readyz` reports.
+//!
+//! With `--handoff-socket`, [`Daemon::start`] first takes over the running process's sockets
+//! ([`Handoff`]); every server of the command binds through [`Daemon::handoff`]. `serving` then
+//! tells that predecessor to stop, and offers this process's sockets to the next one; a successor
+//! taking them cancels [`Daemon::shutdown`] (the SIGTERM drain), after which [`Daemon::stop`]
+//! waits for the signal.
 
 use std::{
     path::PathBuf,

@@ -13,6 +13,8 @@
 //! 10 or 10,000 Services. The first sync, the one after a device error, and one every
 //! [`FULL_RESYNC`] (at the next change) are full: the device's addresses are re-read from the
 //! kernel and every frontend is visited, which repairs anything changed behind Ferry's back.
+//! After a takeover (`--handoff-socket`) the device is re-read once more, when the predecessor
+//! has stopped: both processes synced it while they overlapped.
 
 use std::{
     net::IpAddr,
