@@ -215,15 +215,15 @@ struct Syncer {
 }
 
 impl Syncer {
-    /// Makes the device hold exactly the last synced snapshot's addresses, as read back from
-    /// the kernel. Returns false on failure (the next sync is then a full one).
+    /// After a takeover: makes the device hold exactly the last synced snapshot's addresses, as
+    /// read back from the kernel. Returns false on failure (the next sync is then a full one).
     async fn resync_device(&mut self) -> bool {
         let Some(snapshot) = &self.last else { return true };
         let mut want = host::frontend_addresses(snapshot);
         want.extend(&self.extra_addresses);
         match self.device.sync(&want).await {
             Ok(stats) => {
-                tracing::debug!(?stats, "VIP device synced");
+                tracing::info!(?stats, "VIP device re-read after the takeover");
                 true
             }
             Err(error) => {

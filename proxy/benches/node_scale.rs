@@ -185,15 +185,7 @@ async fn run(services: usize, changes: usize, additions: usize, note: String) {
 
     // Objects through the index, as the Kubernetes source feeds them.
     let t = Instant::now();
-    let mut index = Index::new(Some(NodeInfo { name: NODE.into(), zone: None }));
-    for i in 0..services {
-        let name = format!("svc-{i}");
-        index.apply_service(&service(&name, cluster_ip(96, i)));
-        let ips: Vec<IpAddr> =
-            (0..ENDPOINTS_PER_SERVICE).map(|k| endpoint_ip(i * ENDPOINTS_PER_SERVICE + k)).collect();
-        index.apply_endpoint_slice(&slice(&name, &ips));
-    }
-    let snapshot = index.build();
+    let (mut index, snapshot) = cluster(services);
     let index_time = t.elapsed();
     let rss_index = sys::rss_kib();
     assert_eq!(snapshot.frontends.len(), services);
@@ -358,15 +350,7 @@ async fn run(services: usize, changes: usize, additions: usize, note: String) {
 /// `hard`): one manager binds them and registers them with its handoff, a second one takes them
 /// all over. Prints a table of its own.
 async fn handoff(services: usize, hard: u64) {
-    let mut index = Index::new(Some(NodeInfo { name: NODE.into(), zone: None }));
-    for i in 0..services {
-        let name = format!("svc-{i}");
-        index.apply_service(&service(&name, cluster_ip(96, i)));
-        let ips: Vec<IpAddr> =
-            (0..ENDPOINTS_PER_SERVICE).map(|k| endpoint_ip(i * ENDPOINTS_PER_SERVICE + k)).collect();
-        index.apply_endpoint_slice(&slice(&name, &ips));
-    }
-    let snapshot = index.build();
+    let (_, snapshot) = cluster(services);
     let mut device = VipDevice::ensure(DEVICE).await.expect("VIP device");
     device.sync(&host::frontend_addresses(&snapshot)).await.expect("VIP sync");
 
@@ -425,6 +409,21 @@ async fn handoff(services: usize, hard: u64) {
     old.shutdown().await;
     new.shutdown().await;
     let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+/// `services` ClusterIP Services `svc-i` with their EndpointSlices through the index, as the
+/// Kubernetes source feeds them, and the index's first snapshot.
+fn cluster(services: usize) -> (Index, Arc<Snapshot>) {
+    let mut index = Index::new(Some(NodeInfo { name: NODE.into(), zone: None }));
+    for i in 0..services {
+        let name = format!("svc-{i}");
+        index.apply_service(&service(&name, cluster_ip(96, i)));
+        let ips: Vec<IpAddr> =
+            (0..ENDPOINTS_PER_SERVICE).map(|k| endpoint_ip(i * ENDPOINTS_PER_SERVICE + k)).collect();
+        index.apply_endpoint_slice(&slice(&name, &ips));
+    }
+    let snapshot = index.build();
+    (index, snapshot)
 }
 
 /// The node proxy's manager, registering its sockets with `handoff`.

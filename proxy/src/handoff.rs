@@ -215,11 +215,6 @@ impl Handoff {
         Ok(Arc::new(handoff))
     }
 
-    /// Whether a path was given.
-    pub fn is_enabled(&self) -> bool {
-        self.path.is_some()
-    }
-
     /// The predecessor's pid, while it has not stopped yet.
     pub fn predecessor(&self) -> Option<u32> {
         self.lock().predecessor.as_ref().map(|p| p.pid)

@@ -16,7 +16,7 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{ConfigMap, Container, PodSpec, ServiceAccount},
+        core::v1::{ConfigMap, Container, PodSpec, ServiceAccount, Volume},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -208,16 +208,8 @@ impl Objects {
             ["/usr/local/bin/ferry", "probe", "--socket", admin_socket, "/readyz"],
             "the probe asks this process's admin socket"
         );
-        let dir = Path::new(admin_socket).parent().and_then(Path::to_str).expect("socket directory");
-        let mount = ferry
-            .volume_mounts
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .find(|m| m.mount_path == dir)
-            .unwrap_or_else(|| panic!("{dir} mounted"));
-        let volume = pod.volumes.as_deref().unwrap_or_default().iter().find(|v| v.name == mount.name);
-        assert!(volume.and_then(|v| v.empty_dir.as_ref()).is_some(), "a per-pod emptyDir: {volume:?}");
+        let volume = socket_volume(ferry, pod, admin_socket);
+        assert!(volume.empty_dir.is_some(), "a per-pod emptyDir: {volume:?}");
         assert!(args.iter().any(|a| a == "--admin-address=127.0.0.1:9901"), "args {args:?}");
         assert!(args.iter().any(|a| a == "--healthz-bind-address=0.0.0.0:10256"), "args {args:?}");
 
@@ -227,22 +219,9 @@ impl Objects {
             .iter()
             .find_map(|a| a.strip_prefix("--handoff-socket="))
             .unwrap_or_else(|| panic!("--handoff-socket in args {args:?}"));
-        let dir = Path::new(socket).parent().and_then(Path::to_str).expect("socket directory");
-        let mount = ferry
-            .volume_mounts
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .find(|m| m.mount_path == dir)
-            .unwrap_or_else(|| panic!("{dir} mounted"));
-        let volume = pod
-            .volumes
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .find(|v| v.name == mount.name)
-            .expect("the mounted volume");
-        assert_eq!(volume.host_path.as_ref().map(|h| h.path.as_str()), Some(dir), "a hostPath volume");
+        let volume = socket_volume(ferry, pod, socket);
+        let dir = Path::new(socket).parent().and_then(Path::to_str);
+        assert_eq!(volume.host_path.as_ref().map(|h| h.path.as_str()), dir, "a hostPath volume");
         assert!(ferry.ports.as_deref().unwrap_or_default().is_empty(), "no hostPorts: {:?}", ferry.ports);
     }
 
@@ -256,6 +235,15 @@ impl Objects {
             .expect("envFrom configMapRef");
         self.config_map(name)
     }
+}
+
+/// The volume mounted on the directory of `socket` in `ferry`.
+fn socket_volume<'a>(ferry: &Container, pod: &'a PodSpec, socket: &str) -> &'a Volume {
+    let dir = Path::new(socket).parent().and_then(Path::to_str).expect("socket directory");
+    let mounts = ferry.volume_mounts.as_deref().unwrap_or_default();
+    let mount = mounts.iter().find(|m| m.mount_path == dir).unwrap_or_else(|| panic!("{dir} mounted"));
+    let volumes = pod.volumes.as_deref().unwrap_or_default();
+    volumes.iter().find(|v| v.name == mount.name).unwrap_or_else(|| panic!("volume {} of {dir}", mount.name))
 }
 
 /// Parses `doc` as `T`, then checks that serializing it back gives `doc` again.

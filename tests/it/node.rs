@@ -468,27 +468,27 @@ async fn ipv6_cluster_ip_and_node_port() {
     assert_eq!(hello(&c.client, sa("[fd00:100::1]:30081")).await.expect("v6 NodePort"), "a6");
 }
 
+/// LoadBalancer Service `lb` (ClusterIP 10.96.0.20, NodePort 30090, `externalTrafficPolicy: Local`,
+/// healthCheckNodePort 32000) with `endpoints` (ip, node, ready) on port 8080.
+fn health_checked_lb_yaml(endpoints: &[(&str, &str, bool)]) -> String {
+    format!(
+        "{}---\n{}",
+        service_yaml(
+            "lb",
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            &[("http", "TCP", 80, 8080, Some(30090))]
+        ),
+        slice_yaml("lb-1", "lb", "IPv4", endpoints, &[("http", "TCP", 8080)])
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn health_check_node_port_and_proxy_healthz_answer_like_kube_proxy() {
     let c = Cluster::new();
     let _a = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a");
     c.dir.write(
         "lb.yaml",
-        &format!(
-            "{}---\n{}",
-            service_yaml(
-                "lb",
-                "  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
-                &[("http", "TCP", 80, 8080, Some(30090))]
-            ),
-            slice_yaml(
-                "lb-1",
-                "lb",
-                "IPv4",
-                &[("10.244.1.10", "node-a", true), ("10.244.2.10", "node-b", true)],
-                &[("http", "TCP", 8080)]
-            )
-        ),
+        &health_checked_lb_yaml(&[("10.244.1.10", "node-a", true), ("10.244.2.10", "node-b", true)]),
     );
     let _ferry = c.start(&[]);
 
@@ -511,18 +511,7 @@ async fn health_check_node_port_and_proxy_healthz_answer_like_kube_proxy() {
 async fn a_health_check_node_port_held_by_another_process_is_retried_until_free() {
     let c = Cluster::new();
     let _a = Cluster::tcp_backend(&c.pod_a, "10.244.1.10", 8080, "a");
-    c.dir.write(
-        "lb.yaml",
-        &format!(
-            "{}---\n{}",
-            service_yaml(
-                "lb",
-                "  type: LoadBalancer\n  clusterIP: 10.96.0.20\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
-                &[("http", "TCP", 80, 8080, Some(30090))]
-            ),
-            slice_yaml("lb-1", "lb", "IPv4", &[("10.244.1.10", "node-a", true)], &[("http", "TCP", 8080)])
-        ),
-    );
+    c.dir.write("lb.yaml", &health_checked_lb_yaml(&[("10.244.1.10", "node-a", true)]));
     // Another process holds the port (a predecessor that opened it after a handoff, say).
     let holder = c.node.tcp_listener(sa("0.0.0.0:32000"));
     let ferry = c.start(&[]);

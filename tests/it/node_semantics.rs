@@ -1106,6 +1106,11 @@ async fn restart_with_a_handoff_socket_refuses_no_connection() {
     assert!(took["sockets"].as_u64().unwrap_or(0) >= 3, "VIP TCP, VIP UDP and healthz at least: {took}");
     new.wait_log(DEADLINE, |l| msg(l) == "takeover complete: the predecessor stops accepting")
         .expect("the old process confirmed it stopped");
+    // Both synced the VIP device while they overlapped: the new one re-reads it once alone.
+    let reread = new
+        .wait_log(DEADLINE, |l| msg(l) == "VIP device re-read after the takeover")
+        .expect("the new process re-read the device");
+    assert!(reread.to_string().contains("removed: 0"), "nothing to repair here: {reread}");
     old.wait_log(DEADLINE, |l| msg(l).starts_with("handed over to a successor"))
         .expect("the old process drains after the handoff");
     load.wait_more(50, "after the handoff");

@@ -25,29 +25,35 @@ pub type Handler = dyn Fn(&Request<Incoming>, SocketAddr) -> Response<Full<Bytes
 /// Serves `handler` on `listener` until `stop` is cancelled. Returns (dropping the listener, so
 /// the port is free) as soon as `stop` fires; open connections finish gracefully.
 pub async fn serve(listener: TcpListener, handler: Arc<Handler>, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(error) => {
-                    accept_failed(&error).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(local) = stream.local_addr() else { continue };
-        tokio::spawn(connection(stream, local, handler.clone(), stop.clone()));
-    }
+    accept_loop(
+        || async {
+            let (stream, _) = listener.accept().await?;
+            let local = stream.local_addr()?;
+            Ok((stream, local))
+        },
+        handler,
+        stop,
+    )
+    .await;
 }
 
 /// [`serve`] on a Unix socket; handlers see `0.0.0.0:0` as the local address.
 pub async fn serve_unix(listener: UnixListener, handler: Arc<Handler>, stop: CancellationToken) {
     let local = SocketAddr::from(([0, 0, 0, 0], 0));
+    accept_loop(|| async { Ok((listener.accept().await?.0, local)) }, handler, stop).await;
+}
+
+/// Accepts with `accept` (a connection and the local address handlers see) until `stop`, one
+/// task per connection.
+async fn accept_loop<S, F>(mut accept: impl FnMut() -> F, handler: Arc<Handler>, stop: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: std::future::Future<Output = std::io::Result<(S, SocketAddr)>>,
+{
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, local) = tokio::select! {
             () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
+            accepted = accept() => match accepted {
                 Ok(conn) => conn,
                 Err(error) => {
                     accept_failed(&error).await;
