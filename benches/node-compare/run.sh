@@ -49,7 +49,9 @@
 #   FOREIGN_MAX [8] FOREIGN_KPPS [5] RETRIES [1] RETRY_UNTIL [200]
 #   DIAG [""]  diagnostics per cell, in raw/: "switches" = context switches per command name
 #     (raw/TAG.switches, from /proc/*/task/*/status; the load tool's own in raw/TAG.time via
-#     /usr/bin/time), "pages" = page allocator events per CPU for DUR/2 s (raw/TAG.pages, perf stat)
+#     /usr/bin/time), "pages" = page allocator events per CPU for DUR/2 s (raw/TAG.pages, perf stat),
+#     "syscalls" = system calls of the proxy's processes by name for DUR/2 s (raw/TAG.syscalls, perf trace -s),
+#     "profile" = the node CPU's samples by DSO and symbol for DUR/2 s (raw/TAG.profile, perf record -C)
 #
 # Needs root, iproute2, taskset, nft, iptables, haproxy, nginx + libnginx-mod-stream, iperf3, wrk, jq.
 set -uo pipefail
@@ -148,7 +150,8 @@ for tool in ip taskset timeout nft haproxy nginx iperf3 wrk jq find "$IPTABLES_R
     die "missing tool: $tool (apt-get install iptables nftables haproxy nginx-light libnginx-mod-stream iperf3 wrk jq)"
 done
 [[ $DIAG != *switches* || -x /usr/bin/time ]] || die "DIAG=switches needs /usr/bin/time (apt-get install time)"
-[[ $DIAG != *pages* ]] || command -v perf >/dev/null || die "DIAG=pages needs perf (apt-get install linux-perf)"
+[[ $DIAG != *pages* && $DIAG != *syscalls* && $DIAG != *profile* ]] || command -v perf >/dev/null ||
+  die "DIAG=pages, syscalls and profile need perf (apt-get install linux-perf)"
 STREAM_MOD=/usr/lib/nginx/modules/ngx_stream_module.so
 [[ $DUR =~ ^[0-9]+$ && $DUR -ge 1 ]] || die "DUR must be a positive integer"
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 ]] || die "ROUNDS must be a positive integer"
@@ -199,6 +202,16 @@ tree_ticks() {
       while (changed) { changed = 0
         for (p in ppid) if (!(p in inset) && (ppid[p] in inset)) { inset[p] = 1; changed = 1 } }
       s = 0; for (p in inset) if (p in t) s += t[p]; print s }'
+}
+
+# The given process and its live descendants, space-separated.
+tree_pids() {
+  cat /proc/[0-9]*/stat 2>/dev/null | awk -v root="$1" '
+    { pid = $1; s = $0; sub(/^.*\) /, "", s); split(s, f, " "); ppid[pid] = f[2] }
+    END { inset[root] = 1; changed = 1
+      while (changed) { changed = 0
+        for (p in ppid) if (!(p in inset) && (ppid[p] in inset)) { inset[p] = 1; changed = 1 } }
+      out = ""; for (p in inset) if (p in ppid) out = out (out == "" ? "" : " ") p; print out }'
 }
 
 # CPU ticks of every process that is neither a kernel thread nor this script or its descendants
@@ -820,10 +833,22 @@ measure() {
       >/dev/null 2>&1 &
     diag_pid=$!
   fi
+  if [[ $DIAG == *syscalls* && -n $pid ]]; then
+    local pids
+    pids=$(tree_pids "$pid")
+    (sleep 1 && exec perf trace -s -p "${pids// /,}" -o "$raw.syscalls" -- sleep $((DUR / 2))) >/dev/null 2>&1 &
+    diag_pid="$diag_pid $!"
+  fi
+  if [[ $DIAG == *profile* ]]; then
+    (sleep 1 && perf record -q -C "$CPU_NODE" -F 999 -o "$raw.perf" -- sleep $((DUR / 2)) &&
+      exec perf report -q -i "$raw.perf" --no-children --sort dso,sym --percent-limit 0.3 --stdio) \
+      >"$raw.profile" 2>/dev/null &
+    diag_pid="$diag_pid $!"
+  fi
   w0=$(now)
   run_load "$raw.out" "${timed[@]}" "${load[@]}"
   w1=$(now)
-  [[ -n $diag_pid ]] && wait "$diag_pid"
+  [[ -n $diag_pid ]] && wait $diag_pid
   if [[ $DIAG == *switches* ]]; then # changed counts only: "command sleeps preempted"
     switches | awk 'NR == FNR { v[$1] = $2; i[$1] = $3; next }
       ($1 in v) && ($2 > v[$1] || $3 > i[$1]) { print $1, $2 - v[$1], $3 - i[$1] }' "$raw.switches0" - \
