@@ -9,6 +9,7 @@
 #                                ip_forward=1, RPS of both veths -> CPU1   default via 10.10.2.1
 #  ClusterIP 10.96.0.10:80   -> nginx 10.10.2.11:80, 10.10.2.12:80 (1 worker, 100-byte file, keep-alive)
 #  ClusterIP 10.96.0.11:5201 -> iperf3 -s 10.10.2.11:5201 (one endpoint: an iperf3 test must reach one server)
+#  ClusterIP 10.96.0.12:53/UDP -> Knot DNS 10.10.2.11:53 and 10.10.2.12:53 (1 UDP worker; test "udp" only)
 #
 # Contenders (one active at a time; each cell starts it, measures, stops it):
 #   iptables  kube-proxy iptables-mode rules via iptables-restore (nf_tables backend by default):
@@ -17,13 +18,16 @@
 #   nft       kube-proxy nftables-mode layout: service-ips verdict map -> service chain
 #             (numgen random mod N vmap) -> endpoint chains with dnat; masquerading, firewall checks
 #   haproxy   HAProxy mode tcp, roundrobin, nbthread 1, VIPs /32 on lo of nd, bind VIP:port
-#   nginx     nginx stream proxy_pass (round robin), 1 worker, VIPs on lo of nd
+#             (HAProxy has no UDP proxying: its udp cells are "n/a")
+#   nginx     nginx stream proxy_pass (round robin), 1 worker, VIPs on lo of nd (udp: `listen ... udp`)
 #   ferry     `ferry node` in nd (VIP device ferry0, --worker-threads 1), Services + EndpointSlices as
 #             YAML, annotated `ferry.ethercluster.io/balancing: RoundRobin`
 #   direct    (optional) no VIP: the client talks to 10.10.2.11 routed through nd; the floor
 #
 # Tests (load from ns cl under `timeout`): bulk1 / bulk8 = iperf3 -P1 / -P8; ka = wrk -t2 -c64 keep-alive;
 # close = the same with `Connection: close` (new connections per second). HTTP cells get WARMUP s of wrk first.
+# udp = dnsperf -c 4 -q 200 (4 client sockets, 200 queries outstanding) against the DNS ClusterIP: UDP
+# datagrams per second through the ClusterIP, as a cluster's DNS traffic takes (WARMUP s first).
 #
 # PIN=split (default): client tools and backends on CPU_LOAD (0), the proxy on CPU_NODE (1), RPS puts
 # nd's receive processing (forwarding, NAT, the proxy's sockets) on CPU_NODE and cl/be's on CPU_LOAD.
@@ -37,7 +41,7 @@
 # (RETRIES, only during the first RETRY_UNTIL s); the least contaminated attempt is kept and flagged.
 #
 # Environment (defaults in brackets):
-#   DUR [10] ROUNDS [1] TESTS ["bulk1 bulk8 ka close"] CONTENDERS ["iptables nft haproxy nginx ferry"]
+#   DUR [10] ROUNDS [1] TESTS ["bulk1 bulk8 ka close"; also "udp"] CONTENDERS ["iptables nft haproxy nginx ferry"]
 #   FERRY_BIN [${CARGO_TARGET_DIR:-<repo>/target}/release/ferry]  FERRY_LOG [warn]
 #   FERRY_ARGS  extra `ferry node` flags (e.g. --preserve-source-ip=false)
 #   FERRY_BUILT_FROM  free text for the report header (e.g. the commit FERRY_BIN was built from)
@@ -53,7 +57,8 @@
 #     "syscalls" = system calls of the proxy's processes by name for DUR/2 s (raw/TAG.syscalls, perf trace -s),
 #     "profile" = the node CPU's samples by DSO and symbol for DUR/2 s (raw/TAG.profile, perf record -C)
 #
-# Needs root, iproute2, taskset, nft, iptables, haproxy, nginx + libnginx-mod-stream, iperf3, wrk, jq.
+# Needs root, iproute2, taskset, nft, iptables, haproxy, nginx + libnginx-mod-stream, iperf3, wrk, jq;
+# the udp test also needs dnsperf, knotd (knot) and kdig (knot-dnsutils).
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -86,6 +91,9 @@ WRK_CONNS=64
 
 VIP_HTTP=10.96.0.10
 VIP_BULK=10.96.0.11
+VIP_DNS=10.96.0.12
+DNS_CLIENTS=4
+DNS_OUTSTANDING=200
 EP1=10.10.2.11
 EP2=10.10.2.12
 CLUSTER_CIDR=10.10.1.0/24
@@ -163,7 +171,12 @@ for c in $CONTENDERS; do
   *) die "unknown contender: $c" ;;
   esac
 done
-for t in $TESTS; do case $t in bulk1 | bulk8 | ka | close) ;; *) die "unknown test: $t" ;; esac; done
+for t in $TESTS; do case $t in bulk1 | bulk8 | ka | close | udp) ;; *) die "unknown test: $t" ;; esac; done
+if [[ " $TESTS " == *" udp "* ]]; then
+  for tool in dnsperf knotd kdig; do
+    command -v "$tool" >/dev/null || die "the udp test needs $tool (apt-get install dnsperf knot knot-dnsutils)"
+  done
+fi
 case $PIN in
 split)
   TS_LOAD=(taskset -c "$CPU_LOAD")
@@ -181,10 +194,12 @@ MAXCONN=$((NOFILE / 2 - 100 < 8000 ? NOFILE / 2 - 100 : 8000))
 
 OUT=${OUT:-$(mktemp -d /tmp/nodebench.XXXXXX)}
 W=$OUT/work
-mkdir -p "$OUT/raw" "$W/www" "$W/ferry" "$W/nginx-be" "$W/nginx-nd" || die "cannot create $OUT"
+mkdir -p "$OUT/raw" "$W/www" "$W/ferry" "$W/nginx-be" "$W/nginx-nd" "$W/knot" || die "cannot create $OUT"
 RESULTS=$OUT/results.tsv
 printf 'test\tcontender\tround\tattempt\tok\tvalue\tp99_ms\tunits\tproxy_s\tcpu0_s\tnode_s\tnode_si_s\twall_s\tsteal_pct\tforeign_pct\tforeign_kpps\terrors\tquiet\n' >"$RESULTS"
 NOISY=0 CELLS=0 UNQUIET=0
+WITH_UDP=0
+[[ " $TESTS " == *" udp "* ]] && WITH_UDP=1
 
 # === sampling ===
 
@@ -333,6 +348,54 @@ wait_port() {
   return 1
 }
 
+# Polls until HOST answers a DNS query over UDP from ns cl (deadline in seconds).
+wait_dns() {
+  local host=$1 pid=${2:-} deadline=$((SECONDS + ${3:-15}))
+  while ((SECONDS < deadline)); do
+    if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then return 1; fi
+    "${CL[@]}" kdig @"$host" +notcp +time=1 +retry=0 +short svc.bench. A 2>/dev/null | grep -q '^10\.' && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# Knot DNS on both endpoints, authoritative for `bench.`: the UDP test's backend. One UDP worker,
+# pinned like the other backends (Knot pins its workers itself, so every thread is re-pinned).
+start_dns_backend() {
+  local k=$W/knot i
+  cat >"$k/bench.zone" <<EOF
+\$ORIGIN bench.
+\$TTL 30
+@ SOA ns.bench. hostmaster.bench. 1 3600 600 86400 30
+@ NS ns.bench.
+ns A $EP1
+svc A 10.96.0.100
+EOF
+  cat >"$k/knot.conf" <<EOF
+server:
+  rundir: "$k"
+  listen: [ $EP1@53, $EP2@53 ]
+  udp-workers: 1
+  tcp-workers: 1
+  background-workers: 1
+database:
+  storage: "$k"
+log:
+  - target: stderr
+    any: warning
+zone:
+  - domain: bench.
+    file: "$k/bench.zone"
+    storage: "$k"
+EOF
+  for ((i = 0; i < 1000; i++)); do echo "svc.bench. A"; done >"$W/dns-queries.txt"
+  "${BE[@]}" "${TS_LOAD[@]}" knotd -c "$k/knot.conf" >"$OUT/raw/knot-be.log" 2>&1 &
+  PID_OF[knot-be]=$!
+  wait_dns "$EP1" "${PID_OF[knot-be]}" && wait_dns "$EP2" "${PID_OF[knot-be]}" ||
+    die "Knot DNS did not come up (see $OUT/raw/knot-be.log)"
+  [[ $PIN == split ]] && taskset -a -p -c "$CPU_LOAD" "${PID_OF[knot-be]}" >/dev/null
+}
+
 start_backends() {
   printf '%099d\n' 0 >"$W/www/index.html"
   local b=$W/nginx-be
@@ -383,6 +446,21 @@ start_iperf_server() {
 write_iptables_rules() {
   local svc_web=KUBE-SVC-WEBHTTP0000000000 svc_bulk=KUBE-SVC-BULKIPERF00000000
   local sep1=KUBE-SEP-WEB1000000000000 sep2=KUBE-SEP-WEB2000000000000 sep3=KUBE-SEP-BULK100000000000
+  local svc_dns=KUBE-SVC-DNSUDP00000000000 sep4=KUBE-SEP-DNS1000000000000 sep5=KUBE-SEP-DNS2000000000000
+  local dns_chains='' dns_rules=''
+  if ((WITH_UDP)); then
+    dns_chains=":$svc_dns - [0:0]
+:$sep4 - [0:0]
+:$sep5 - [0:0]"
+    dns_rules="-A KUBE-SERVICES -d $VIP_DNS/32 -p udp -m comment --comment \"default/dns:dns cluster IP\" -m udp --dport 53 -j $svc_dns
+-A $svc_dns ! -s $CLUSTER_CIDR -d $VIP_DNS/32 -p udp -m comment --comment \"default/dns:dns cluster IP\" -m udp --dport 53 -j KUBE-MARK-MASQ
+-A $svc_dns -m comment --comment \"default/dns:dns -> $EP1:53\" -m statistic --mode random --probability 0.50000000000 -j $sep4
+-A $svc_dns -m comment --comment \"default/dns:dns -> $EP2:53\" -j $sep5
+-A $sep4 -s $EP1/32 -m comment --comment \"default/dns:dns\" -j KUBE-MARK-MASQ
+-A $sep4 -p udp -m comment --comment \"default/dns:dns\" -m udp -j DNAT --to-destination $EP1:53
+-A $sep5 -s $EP2/32 -m comment --comment \"default/dns:dns\" -j KUBE-MARK-MASQ
+-A $sep5 -p udp -m comment --comment \"default/dns:dns\" -m udp -j DNAT --to-destination $EP2:53"
+  fi
   cat >"$W/iptables.rules" <<EOF
 *filter
 :KUBE-EXTERNAL-SERVICES - [0:0]
@@ -419,6 +497,7 @@ COMMIT
 :$sep1 - [0:0]
 :$sep2 - [0:0]
 :$sep3 - [0:0]
+$dns_chains
 -A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
 -A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
 -A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
@@ -440,8 +519,10 @@ COMMIT
 -A $svc_bulk -m comment --comment "default/bulk:iperf -> $EP1:5201" -j $sep3
 -A $sep3 -s $EP1/32 -m comment --comment "default/bulk:iperf" -j KUBE-MARK-MASQ
 -A $sep3 -p tcp -m comment --comment "default/bulk:iperf" -m tcp -j DNAT --to-destination $EP1:5201
+$dns_rules
 COMMIT
 EOF
+  sed -i '/^$/d' "$W/iptables.rules"
   # The nfacct match needs a kernel module that may be missing; kube-proxy drops it then too.
   printf '*filter\nCOMMIT\n*nat\nCOMMIT\n' >"$W/iptables.empty"
 }
@@ -451,13 +532,31 @@ write_nft_rules() {
   local web=service-WEBHTTP0-default/web/tcp/http bulk=service-BULKIPRF-default/bulk/tcp/iperf
   local e1=endpoint-EP1WEB00-default/web/tcp/http__$EP1/80 e2=endpoint-EP2WEB00-default/web/tcp/http__$EP2/80
   local e3=endpoint-EP1BULK0-default/bulk/tcp/iperf__$EP1/5201
+  local dns=service-DNSUDP00-default/dns/udp/dns e4=endpoint-EP1DNS00-default/dns/udp/dns__$EP1/53
+  local e5=endpoint-EP2DNS00-default/dns/udp/dns__$EP2/53
+  local dns_ip='' dns_elem='' dns_chains=''
+  if ((WITH_UDP)); then
+    dns_ip=", $VIP_DNS" dns_elem=", $VIP_DNS . udp . 53 : goto $dns"
+    dns_chains="  chain $dns {
+    ip daddr $VIP_DNS udp dport 53 ip saddr != $CLUSTER_CIDR jump mark-for-masquerade
+    numgen random mod 2 vmap { 0 : goto $e4, 1 : goto $e5 }
+  }
+  chain $e4 {
+    ip saddr $EP1 jump mark-for-masquerade
+    meta l4proto udp dnat to $EP1:53
+  }
+  chain $e5 {
+    ip saddr $EP2 jump mark-for-masquerade
+    meta l4proto udp dnat to $EP2:53
+  }"
+  fi
   cat >"$W/nft.rules" <<EOF
 table ip kube-proxy {
   comment "rules for kube-proxy"
   set cluster-ips {
     type ipv4_addr
     comment "Active ClusterIPs"
-    elements = { $VIP_HTTP, $VIP_BULK }
+    elements = { $VIP_HTTP, $VIP_BULK$dns_ip }
   }
   set nodeport-ips {
     type ipv4_addr
@@ -483,7 +582,7 @@ table ip kube-proxy {
   map service-ips {
     type ipv4_addr . inet_proto . inet_service : verdict
     comment "ClusterIP, ExternalIP and LoadBalancer IP traffic"
-    elements = { $VIP_HTTP . tcp . 80 : goto $web, $VIP_BULK . tcp . 5201 : goto $bulk }
+    elements = { $VIP_HTTP . tcp . 80 : goto $web, $VIP_BULK . tcp . 5201 : goto $bulk$dns_elem }
   }
   chain filter-prerouting {
     type filter hook prerouting priority -110; policy accept;
@@ -564,6 +663,7 @@ table ip kube-proxy {
     ip saddr $EP1 jump mark-for-masquerade
     meta l4proto tcp dnat to $EP1:5201
   }
+$dns_chains
 }
 EOF
 }
@@ -607,6 +707,7 @@ stream {
   upstream bulk { server $EP1:5201; }
   server { listen $VIP_HTTP:80 backlog=4096; proxy_pass web; }
   server { listen $VIP_BULK:5201 backlog=4096; proxy_pass bulk; }
+$( ((WITH_UDP)) && printf '  upstream dns { server %s:53; server %s:53; }\n  server { listen %s:53 udp; proxy_pass dns; proxy_timeout 10s; }' "$EP1" "$EP2" "$VIP_DNS")
 }
 EOF
   local f=$W/ferry
@@ -672,14 +773,45 @@ endpoints:
 ports:
 - {name: iperf, protocol: TCP, port: 5201}
 EOF
+  ((WITH_UDP)) || return 0
+  cat >"$f/dns.yaml" <<EOF
+apiVersion: v1
+kind: Service
+metadata:
+  name: dns
+  namespace: default
+  annotations:
+    ferry.ethercluster.io/balancing: RoundRobin
+spec:
+  type: ClusterIP
+  clusterIP: $VIP_DNS
+  ports:
+  - {name: dns, protocol: UDP, port: 53, targetPort: 53}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dns-1
+  namespace: default
+  labels: {kubernetes.io/service-name: dns}
+addressType: IPv4
+endpoints:
+- {addresses: ["$EP1"], nodeName: be, conditions: {ready: true}}
+- {addresses: ["$EP2"], nodeName: be, conditions: {ready: true}}
+ports:
+- {name: dns, protocol: UDP, port: 53}
+EOF
 }
 
 http_ip() { [[ $1 == direct ]] && echo "$EP1" || echo "$VIP_HTTP"; }
 bulk_ip() { [[ $1 == direct ]] && echo "$EP1" || echo "$VIP_BULK"; }
+dns_ip() { [[ $1 == direct ]] && echo "$EP1" || echo "$VIP_DNS"; }
 
 vips_on_lo() { # add|del
   ip -n "$NS_ND" addr "$1" "$VIP_HTTP/32" dev lo 2>/dev/null
   ip -n "$NS_ND" addr "$1" "$VIP_BULK/32" dev lo 2>/dev/null
+  ((WITH_UDP)) && ip -n "$NS_ND" addr "$1" "$VIP_DNS/32" dev lo 2>/dev/null
+  return 0
 }
 
 start_contender() {
@@ -723,7 +855,8 @@ start_contender() {
   esac
   [[ -n $pid ]] && PID_OF[$c]=$pid
   ACTIVE=$c
-  if wait_port "$(http_ip "$c")" 80 "$pid" && wait_port "$(bulk_ip "$c")" 5201 "$pid"; then
+  if wait_port "$(http_ip "$c")" 80 "$pid" && wait_port "$(bulk_ip "$c")" 5201 "$pid" &&
+    { ((!WITH_UDP)) || [[ $c == haproxy ]] || wait_dns "$(dns_ip "$c")" "$pid"; }; then
     return 0
   fi
   log "$c: the ClusterIPs did not answer (see $OUT/raw/$c.log)"
@@ -784,6 +917,20 @@ parse_wrk() { # sets OK VALUE P99 UNITS ERRORS
   fi
 }
 
+parse_dnsperf() { # sets OK VALUE P99 (here: the mean latency) UNITS ERRORS
+  local f=$1 qps done mean
+  qps=$(awk '/Queries per second:/ { print $4 }' "$f")
+  done=$(awk '/Queries completed:/ { print $3 }' "$f")
+  mean=$(awk '/Average Latency \(s\):/ { printf "%.3f", $4 * 1000 }' "$f")
+  ERRORS=$(awk '/Queries lost:/ { print $3 + 0 }' "$f")
+  ERRORS=${ERRORS:-0}
+  if [[ -n $qps && -n $done && -n $mean && $done -gt 0 ]]; then
+    OK=1 VALUE=$qps UNITS=$done P99=$mean
+  else
+    OK=0 VALUE=0 UNITS=0 P99=0
+  fi
+}
+
 parse_iperf() {
   local f=$1 bps bytes
   bps=$(jq -r '.end.sum_received.bits_per_second // empty' "$f" 2>/dev/null)
@@ -812,6 +959,11 @@ measure() {
       warm[3]="-d${WARMUP}s"
       run_load "$raw.warmup" "${warm[@]}"
     fi
+    ;;
+  udp)
+    load=(dnsperf -s "$(dns_ip "$c")" -p 53 -d "$W/dns-queries.txt" -c "$DNS_CLIENTS" -q "$DNS_OUTSTANDING")
+    ((WARMUP > 0)) && run_load "$raw.warmup" "${load[@]}" -l "$WARMUP"
+    load+=(-l "$DUR")
     ;;
   esac
   wait_quiet
@@ -862,6 +1014,7 @@ measure() {
   foreign_netns_packets >"$pk1"
   case $t in
   bulk*) parse_iperf "$raw.out" ;;
+  udp) parse_dnsperf "$raw.out" ;;
   *) parse_wrk "$raw.out" ;;
   esac
   local kpkts
@@ -882,6 +1035,11 @@ measure() {
 
 run_cell() { # test contender round
   local t=$1 c=$2 r=$3 a best_s=1e9 score line best_line=
+  if [[ $t == udp && $c == haproxy ]]; then # ok=2: not applicable, shown as n/a
+    note "HAProxy has no UDP proxying: its udp cells are n/a"
+    printf '%s\t%s\t%s\t1\t2\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t-\n' "$t" "$c" "$r" >>"$RESULTS"
+    return
+  fi
   for ((a = 1; a <= RETRIES + 1; a++)); do
     local tag=$t-$c-r$r-a$a
     if ! start_contender "$c"; then
@@ -921,7 +1079,11 @@ run_cell() { # test contender round
     note "$t/$c round $r kept with foreign load ${kept_f}% CPU / ${kept_k} kpps"
   fi
   if ((kept_ok)) && (($(cut -f17 <<<"$best_line") > 0)); then
-    note "$t/$c round $r: $(cut -f17 <<<"$best_line") wrk socket errors / non-2xx responses"
+    if [[ $t == udp ]]; then
+      note "$t/$c round $r: $(cut -f17 <<<"$best_line") queries lost (dnsperf)"
+    else
+      note "$t/$c round $r: $(cut -f17 <<<"$best_line") wrk socket errors / non-2xx responses"
+    fi
   fi
 }
 FOREIGN_KPPS_MAX=$FOREIGN_KPPS
@@ -944,7 +1106,7 @@ report() {
       line = "| " label
       for (i = 1; i <= nc; i++) {
         c = C[i]; v = median(t SUBSEP c SUBSEP m)
-        line = line " | " ((m ~ /^proxy/ && kernel(c)) ? "–" : (v == "" ? "fail" : sprintf(f, v)))
+        line = line " | " ((m ~ /^proxy/ && kernel(c)) ? "–" : (v == "" ? (na[t, c] ? "n/a" : "fail") : sprintf(f, v)))
       }
       a = median(t SUBSEP "ferry" SUBSEP m); ok = 1; judged = 0
       for (i = 1; i <= nc; i++) {
@@ -968,6 +1130,7 @@ report() {
       print line " |"
     }
     NR == 1 { next }
+    $5 == 2 { na[$1, $2] = 1; next }
     $5 == 1 {
       k = $1 SUBSEP $2
       add(k SUBSEP "value", $6); add(k SUBSEP "p99", $7)
@@ -982,7 +1145,7 @@ report() {
       if (!((k) in kmax) || $16 > kmax[$1, $2]) kmax[$1, $2] = $16
     }
     END {
-      tname["bulk1"] = "TCP 1 stream"; tname["bulk8"] = "TCP 8 streams"; tname["ka"] = "keep-alive"; tname["close"] = "close"
+      tname["bulk1"] = "TCP 1 stream"; tname["bulk8"] = "TCP 8 streams"; tname["ka"] = "keep-alive"; tname["close"] = "close"; tname["udp"] = "UDP"
       nc = split(contenders, C, " "); nt = split(tests, T, " ")
       hasferry = 0; target = 0
       for (i = 1; i <= nc; i++) { if (C[i] == "ferry") hasferry = 1; if (C[i] == "haproxy" || C[i] == "nginx") target = 1 }
@@ -1014,6 +1177,13 @@ report() {
           row("close: proxy process CPU per connection, µs ↓", t, "proxy", "%.1f", -1)
           row("close: machine CPU per connection (load + node), µs ↓", t, "mach", "%.1f", -1)
           row("close: node CPU busy, %", t, "nodepct", "%.0f", 0)
+        } else if (t == "udp") {
+          row("UDP: DNS queries through the ClusterIP (dnsperf -c4 -q200), queries/s ↑", t, "value", "%.0f", 1)
+          row("UDP: mean latency, ms ↓", t, "p99", "%.3f", -1)
+          row("UDP: node CPU per query, µs ↓", t, "node", "%.2f", -1)
+          row("UDP: proxy process CPU per query, µs ↓", t, "proxy", "%.2f", -1)
+          row("UDP: machine CPU per query (load + node), µs ↓", t, "mach", "%.2f", -1)
+          row("UDP: node CPU busy, %", t, "nodepct", "%.0f", 0)
         }
         foreign(t)
       }
@@ -1033,6 +1203,7 @@ write_iptables_rules
 write_nft_rules
 write_proxy_configs
 start_backends
+((WITH_UDP)) && start_dns_backend
 
 read -ra r_order <<<"$CONTENDERS"
 for t in $TESTS; do
@@ -1063,8 +1234,8 @@ git_dirty=$(git -C "$REPO" status --porcelain 2>/dev/null | wc -l)
   echo "/proc/stat) during the cell: forwarding and NAT for the kernel path, the proxy and its socket work for"
   echo "the proxies. Proxy process CPU = utime+stime of the proxy's processes. Machine CPU = busy time of both"
   echo "CPUs (load tools, backends and node together: what a node running client, proxy and server pods pays)."
-  echo "Per-unit figures divide by bytes received by iperf3 or completed requests (= connections in the close"
-  echo "test). Ratios are ferry ÷ peer;"
+  echo "Per-unit figures divide by bytes received by iperf3, completed requests (= connections in the close"
+  echo "test) or completed DNS queries (udp). Ratios are ferry ÷ peer;"
   echo "the last column says whether ferry is at least as good as both HAProxy and nginx (no noise margin)."
   echo "Foreign = CPU of processes outside this run (% of the machine) and packets received in other network"
   echo "namespaces, worst cell: other tenants of the box."

@@ -459,6 +459,45 @@ async fn udp_echo_spreads_and_passes_large_datagrams() {
     assert!(r[1..] == big[..]);
 }
 
+/// Datagrams queued from several clients at once are read in batches that mix the clients; each
+/// client's datagrams still reach the endpoint in order, on its own flow, and every reply comes
+/// back to its client, in order.
+#[tokio::test]
+async fn udp_bursts_from_several_clients_keep_each_clients_order() {
+    const CLIENTS: usize = 3;
+    const EACH: usize = 40;
+    let (backend, _task) = udp_backend(7).await;
+    let mut h = Harness::new(DEADLINE);
+    h.set(udp_listener(&[backend], Duration::from_secs(30)));
+    let proxy = h.addr(Protocol::Udp, "127.0.0.1:0");
+    let senders: Vec<_> =
+        (0..CLIENTS).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind")).collect();
+    // Interleaved and without yielding, so the frontend finds them all queued.
+    for i in 0..EACH {
+        for (c, client) in senders.iter().enumerate() {
+            client.send_to(format!("{c}:{i}").as_bytes(), proxy).expect("send");
+        }
+    }
+    let clients: Vec<_> = senders
+        .into_iter()
+        .map(|s| {
+            s.set_nonblocking(true).expect("nonblocking");
+            UdpSocket::from_std(s).expect("register")
+        })
+        .collect();
+    let mut buf = vec![0u8; 1024];
+    for (c, client) in clients.iter().enumerate() {
+        for i in 0..EACH {
+            let (n, from) = tokio::time::timeout(DEADLINE, client.recv_from(&mut buf))
+                .await
+                .expect("reply in time")
+                .expect("recv");
+            assert_eq!(from, proxy);
+            assert_eq!(&buf[..n], format!("\u{7}{c}:{i}").as_bytes(), "client {c}, datagram {i}");
+        }
+    }
+}
+
 /// A UDP backend that answers each datagram with `[id] ++ data` after `delay`, and reports each
 /// datagram as it arrives.
 async fn slow_udp_backend(

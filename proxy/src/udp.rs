@@ -19,19 +19,26 @@
 //!   the endpoint's reply has gone out, for at most [`REPLY_WAIT`] (or the port's idle timeout if
 //!   shorter, or until the drain ends): a query in flight at a restart is answered. Every other
 //!   flow is dropped at once.
-//! - Reply tasks read into one per-thread buffer, so a flow costs two sockets' worth of kernel
-//!   state, one small allocation and one task, never a datagram buffer of its own.
+//! - I/O is batched (`recvmmsg`/`sendmmsg`, see `sys::mmsg`): the recv loop takes up to 32
+//!   queued datagrams per system call and sends each flow's share of them in one call; a reply
+//!   task moves up to 32 queued replies per pair of calls. Datagrams of one client keep their
+//!   order in both directions.
+//! - The recv loop and the reply tasks read into one per-thread batch buffer, borrowed only
+//!   between a receive and the sends that follow it, never across an `.await`. So a flow costs
+//!   two sockets' worth of kernel state, one small allocation and one task, never a datagram
+//!   buffer of its own.
 //!
 //! Source address of replies: when the frontend socket is bound to an unspecified address
 //! (`0.0.0.0`/`::`), Linux reports each datagram's destination (`IP_PKTINFO`/`IPV6_RECVPKTINFO`)
-//! and the flow's replies are sent from exactly that address (`sendmsg` with a pktinfo control
-//! message). Elsewhere the kernel picks the source by route.
+//! and the flow's replies are sent from exactly that address (a pktinfo control message). Elsewhere
+//! the kernel picks the source by route.
 
 use std::{
     cell::RefCell,
     collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -40,11 +47,13 @@ use std::{
 };
 
 use ferry_lb::Lease;
-use socket2::{SockAddr, SockRef};
-use tokio::{net::UdpSocket, task::AbortHandle};
+use tokio::{io::Interest, net::UdpSocket, task::AbortHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::state::{ListenerState, Route, Upstreams};
+use crate::{
+    state::{ListenerState, Route, Upstreams},
+    sys::mmsg::{self, BATCH, RecvBatch},
+};
 
 /// Largest datagram buffer: every UDP payload (at most 65,527 bytes) fits.
 pub const BUFFER: usize = 65_536;
@@ -57,7 +66,9 @@ pub const REPLY_WAIT: Duration = Duration::from_secs(5);
 const REPLY_POLL: Duration = Duration::from_millis(20);
 
 thread_local! {
-    static REPLY_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUFFER].into_boxed_slice());
+    /// The batch buffer of this thread's recv loops and reply tasks (2 MiB of address space; only
+    /// the pages datagrams touch become resident).
+    static DATAGRAMS: RefCell<RecvBatch> = RefCell::new(RecvBatch::new(BUFFER));
 }
 
 struct FlowShared {
@@ -96,8 +107,8 @@ fn sweep_period(idle: Duration) -> Duration {
 /// most `max_flows` flows exist at once.
 pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, max_flows: usize, stop: CancellationToken) {
     let socket = Arc::new(socket);
+    let fd = socket.as_raw_fd();
     let max_flows = max_flows.max(1);
-    let mut buf = vec![0u8; BUFFER].into_boxed_slice();
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     let epoch = Instant::now();
     let pktinfo = enable_pktinfo(&socket);
@@ -113,10 +124,11 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, max_flows: usiz
                 expire(&mut flows, now_ms(epoch), idle);
                 sweep.as_mut().reset(tokio::time::Instant::now() + sweep_period(idle));
             }
-            r = recv(&socket, &mut buf, pktinfo) => match r {
-                Ok((n, client, local)) => {
-                    on_datagram(&buf[..n], client, local, &socket, &state, &mut flows, max_flows, epoch);
-                }
+            r = socket.async_io(Interest::READABLE, || DATAGRAMS.with_borrow_mut(|b| b.recv(fd, pktinfo))) => match r {
+                // Same poll as the receive: no other task has used the buffer since.
+                Ok(_) => DATAGRAMS.with_borrow(|batch| {
+                    on_batch(batch, &socket, &state, &mut flows, max_flows, epoch);
+                }),
                 Err(error) => {
                     // ICMP errors surface here on some systems; they concern one peer only.
                     tracing::debug!(listener = %state.name(), %error, "recv failed");
@@ -153,8 +165,7 @@ fn enable_pktinfo(socket: &UdpSocket) -> bool {
     if let Ok(local) = socket.local_addr()
         && local.ip().is_unspecified()
     {
-        use std::os::fd::AsRawFd;
-        return match crate::sys::pktinfo::enable(socket.as_raw_fd(), local.is_ipv6()) {
+        return match mmsg::enable_pktinfo(socket.as_raw_fd(), local.is_ipv6()) {
             Ok(()) => true,
             Err(error) => {
                 tracing::warn!(%local, %error, "IP_PKTINFO unavailable; replies use the routed source address");
@@ -164,39 +175,6 @@ fn enable_pktinfo(socket: &UdpSocket) -> bool {
     }
     let _ = socket;
     false
-}
-
-/// One datagram: length, client, and (with pktinfo) the local address the client targeted.
-async fn recv(
-    socket: &UdpSocket,
-    buf: &mut [u8],
-    pktinfo: bool,
-) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
-    #[cfg(target_os = "linux")]
-    if pktinfo {
-        use std::os::fd::AsRawFd;
-        let fd = socket.as_raw_fd();
-        return socket.async_io(tokio::io::Interest::READABLE, || crate::sys::pktinfo::recv(fd, buf)).await;
-    }
-    let _ = pktinfo;
-    let (n, client) = socket.recv_from(buf).await?;
-    Ok((n, client, None))
-}
-
-/// Sends a reply to `client` from the frontend socket, from `local` when known.
-fn send_reply(
-    frontend: &UdpSocket,
-    data: &[u8],
-    client: &SockAddr,
-    local: Option<IpAddr>,
-) -> io::Result<usize> {
-    #[cfg(target_os = "linux")]
-    if let (Some(local), Some(to)) = (local, client.as_socket()) {
-        use std::os::fd::AsRawFd;
-        return crate::sys::pktinfo::send(frontend.as_raw_fd(), data, to, local);
-    }
-    let _ = local;
-    SockRef::from(frontend).send_to(data, client)
 }
 
 fn expire(flows: &mut HashMap<SocketAddr, Flow>, now: u64, idle: Duration) {
@@ -219,19 +197,59 @@ fn make_room(flows: &mut HashMap<SocketAddr, Flow>, max_flows: usize, now: u64, 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn on_datagram(
-    data: &[u8],
-    client: SocketAddr,
-    local: Option<IpAddr>,
+/// Relays one received batch: groups its datagrams by client (keeping each client's order) and
+/// sends each group to its flow's endpoint.
+fn on_batch(
+    batch: &RecvBatch,
     frontend: &Arc<UdpSocket>,
     state: &Arc<ListenerState>,
     flows: &mut HashMap<SocketAddr, Flow>,
     max_flows: usize,
     epoch: Instant,
 ) {
+    // Clients of this batch, each with a bit per datagram of theirs (BATCH <= 32).
+    let mut clients: [(Option<SocketAddr>, u32); BATCH] = [(None, 0); BATCH];
+    let mut groups = 0;
+    for i in 0..BATCH {
+        let Some((_, from, _)) = batch.get(i) else { break };
+        let Some(from) = from else { continue };
+        match clients[..groups].iter_mut().find(|(c, _)| *c == Some(from)) {
+            Some((_, bits)) => *bits |= 1 << i,
+            None => {
+                clients[groups] = (Some(from), 1 << i);
+                groups += 1;
+            }
+        }
+    }
+    let mut data: [&[u8]; BATCH] = [&[]; BATCH];
+    for &(client, bits) in &clients[..groups] {
+        let Some(client) = client else { continue };
+        let mut n = 0;
+        let mut local = None;
+        for i in (0..BATCH).filter(|i| bits & (1 << i) != 0) {
+            let Some((bytes, _, to)) = batch.get(i) else { continue };
+            data[n] = bytes;
+            local = local.or(to);
+            n += 1;
+        }
+        if let Some(flow) = flow_for(client, local, frontend, state, flows, max_flows, epoch) {
+            send_upstream(flow, &data[..n], client, state, epoch);
+        }
+    }
+}
+
+/// The flow of `client`: the current one if its endpoint is still in the client's pool, else a
+/// new one (making room when the table is full). `None` when the client gets no flow.
+fn flow_for<'a>(
+    client: SocketAddr,
+    local: Option<IpAddr>,
+    frontend: &Arc<UdpSocket>,
+    state: &Arc<ListenerState>,
+    flows: &'a mut HashMap<SocketAddr, Flow>,
+    max_flows: usize,
+    epoch: Instant,
+) -> Option<&'a Flow> {
     let upstreams = state.load();
-    let now = now_ms(epoch);
     let valid = match flows.get_mut(&client) {
         None => false,
         Some(f) if f.generation == upstreams.generation() => true,
@@ -248,31 +266,43 @@ fn on_datagram(
     };
     if !valid {
         if flows.len() >= max_flows {
-            make_room(flows, max_flows, now, upstreams.pool().port().timeouts.udp_idle);
+            make_room(flows, max_flows, now_ms(epoch), upstreams.pool().port().timeouts.udp_idle);
         }
-        let Some(flow) = new_flow(client, local, frontend, state, &upstreams, epoch) else {
-            return;
-        };
+        let flow = new_flow(client, local, frontend, state, &upstreams, epoch)?;
         flows.insert(client, flow);
     }
-    let Some(flow) = flows.get(&client) else { return };
+    flows.get(&client)
+}
+
+/// Sends `data` (one client's datagrams, in order) on the flow's upstream socket. A datagram the
+/// kernel refuses is dropped and counted in the debug log; UDP promises no delivery.
+fn send_upstream(flow: &Flow, mut data: &[&[u8]], client: SocketAddr, state: &ListenerState, epoch: Instant) {
     // A direct send: tokio's `try_send` would report WouldBlock on a socket the reactor has
     // not yet seen writable, dropping the first datagram of every flow.
-    let upstream = SockRef::from(&flow.shared.upstream);
-    let mut sent = upstream.send(data);
-    if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused) {
-        // A stale ICMP error from an earlier datagram; this one has not been sent yet.
-        sent = upstream.send(data);
-    }
-    match sent {
-        Ok(_) => {
-            flow.shared.last.store(now, Ordering::Relaxed);
-            flow.shared.awaits_reply.store(true, Ordering::Relaxed);
-            state.metrics.datagrams_rx.increment(1);
-            state.metrics.rx.increment(data.len() as u64);
-        }
-        Err(error) => {
-            tracing::debug!(listener = %state.name(), %client, endpoint = %flow.lease.addr(), %error, "datagram dropped");
+    let fd = flow.shared.upstream.as_raw_fd();
+    let mut retried = false;
+    while !data.is_empty() {
+        match mmsg::send(fd, data, None, None) {
+            Ok(n) => {
+                let bytes: usize = data[..n].iter().map(|d| d.len()).sum();
+                flow.shared.last.store(now_ms(epoch), Ordering::Relaxed);
+                flow.shared.awaits_reply.store(true, Ordering::Relaxed);
+                state.metrics.datagrams_rx.increment(n as u64);
+                state.metrics.rx.increment(bytes as u64);
+                data = &data[n..];
+                retried = false;
+            }
+            // A stale ICMP error from an earlier datagram; this one has not been sent yet.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !retried => retried = true,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                tracing::debug!(listener = %state.name(), %client, endpoint = %flow.lease.addr(), dropped = data.len(), "send buffer full; datagrams dropped");
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(listener = %state.name(), %client, endpoint = %flow.lease.addr(), %error, "datagram dropped");
+                data = &data[1..];
+                retried = false;
+            }
         }
     }
 }
@@ -342,27 +372,47 @@ async fn reply(
     state: Arc<ListenerState>,
     epoch: Instant,
 ) {
-    let to = SockAddr::from(client);
+    let to = mmsg::reply_address(client, local);
+    let (upstream, frontend) = (shared.upstream.as_raw_fd(), frontend.as_raw_fd());
     loop {
         if shared.upstream.readable().await.is_err() {
             return;
         }
-        let r = REPLY_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            let n = shared.upstream.try_recv(&mut b[..])?;
-            send_reply(&frontend, &b[..n], &to, local).map(|_| n)
+        DATAGRAMS.with_borrow_mut(|batch| {
+            let n = match shared.upstream.try_io(Interest::READABLE, || batch.recv(upstream, false)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) => {
+                    // An ICMP error (the endpoint's port is closed) concerns this flow only.
+                    tracing::debug!(listener = %state.name(), %client, %error, "reply dropped");
+                    return;
+                }
+            };
+            let mut data: [&[u8]; BATCH] = [&[]; BATCH];
+            for (i, d) in data.iter_mut().enumerate().take(n) {
+                *d = batch.get(i).map_or(&[], |(bytes, _, _)| bytes);
+            }
+            let mut data = &data[..n];
+            while !data.is_empty() {
+                match mmsg::send(frontend, data, Some(&to), local) {
+                    Ok(sent) => {
+                        let bytes: usize = data[..sent].iter().map(|d| d.len()).sum();
+                        shared.last.store(now_ms(epoch), Ordering::Relaxed);
+                        shared.awaits_reply.store(false, Ordering::Relaxed);
+                        state.metrics.datagrams_tx.increment(sent as u64);
+                        state.metrics.tx.increment(bytes as u64);
+                        data = &data[sent..];
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        tracing::debug!(listener = %state.name(), %client, dropped = data.len(), "send buffer full; replies dropped");
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::debug!(listener = %state.name(), %client, %error, "reply dropped");
+                        data = &data[1..];
+                    }
+                }
+            }
         });
-        match r {
-            Ok(n) => {
-                shared.last.store(now_ms(epoch), Ordering::Relaxed);
-                shared.awaits_reply.store(false, Ordering::Relaxed);
-                state.metrics.datagrams_tx.increment(1);
-                state.metrics.tx.increment(n as u64);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(error) => {
-                tracing::debug!(listener = %state.name(), %client, %error, "reply dropped");
-            }
-        }
     }
 }
