@@ -720,87 +720,41 @@ status:
   addresses:
   - {type: InternalIP, address: 10.10.1.1}
 EOF
-  cat >"$f/web.yaml" <<EOF
+  ferry_service web http TCP "$VIP_HTTP" 80 "$EP1" "$EP2" >"$f/web.yaml"
+  ferry_service bulk iperf TCP "$VIP_BULK" 5201 "$EP1" >"$f/bulk.yaml"
+  ((WITH_UDP)) && ferry_service dns dns UDP "$VIP_DNS" 53 "$EP1" "$EP2" >"$f/dns.yaml"
+  return 0
+}
+
+# A ClusterIP Service and its EndpointSlice (ready endpoints on node be), as ferry reads them.
+ferry_service() { # name port-name protocol cluster-ip port endpoint...
+  local name=$1 port_name=$2 proto=$3 vip=$4 port=$5 ep
+  shift 5
+  cat <<EOF
 apiVersion: v1
 kind: Service
 metadata:
-  name: web
+  name: $name
   namespace: default
   annotations:
     ferry.ethercluster.io/balancing: RoundRobin
 spec:
   type: ClusterIP
-  clusterIP: $VIP_HTTP
+  clusterIP: $vip
   ports:
-  - {name: http, protocol: TCP, port: 80, targetPort: 80}
+  - {name: $port_name, protocol: $proto, port: $port, targetPort: $port}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: web-1
+  name: $name-1
   namespace: default
-  labels: {kubernetes.io/service-name: web}
+  labels: {kubernetes.io/service-name: $name}
 addressType: IPv4
 endpoints:
-- {addresses: ["$EP1"], nodeName: be, conditions: {ready: true}}
-- {addresses: ["$EP2"], nodeName: be, conditions: {ready: true}}
-ports:
-- {name: http, protocol: TCP, port: 80}
 EOF
-  cat >"$f/bulk.yaml" <<EOF
-apiVersion: v1
-kind: Service
-metadata:
-  name: bulk
-  namespace: default
-  annotations:
-    ferry.ethercluster.io/balancing: RoundRobin
-spec:
-  type: ClusterIP
-  clusterIP: $VIP_BULK
-  ports:
-  - {name: iperf, protocol: TCP, port: 5201, targetPort: 5201}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: bulk-1
-  namespace: default
-  labels: {kubernetes.io/service-name: bulk}
-addressType: IPv4
-endpoints:
-- {addresses: ["$EP1"], nodeName: be, conditions: {ready: true}}
-ports:
-- {name: iperf, protocol: TCP, port: 5201}
-EOF
-  ((WITH_UDP)) || return 0
-  cat >"$f/dns.yaml" <<EOF
-apiVersion: v1
-kind: Service
-metadata:
-  name: dns
-  namespace: default
-  annotations:
-    ferry.ethercluster.io/balancing: RoundRobin
-spec:
-  type: ClusterIP
-  clusterIP: $VIP_DNS
-  ports:
-  - {name: dns, protocol: UDP, port: 53, targetPort: 53}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: dns-1
-  namespace: default
-  labels: {kubernetes.io/service-name: dns}
-addressType: IPv4
-endpoints:
-- {addresses: ["$EP1"], nodeName: be, conditions: {ready: true}}
-- {addresses: ["$EP2"], nodeName: be, conditions: {ready: true}}
-ports:
-- {name: dns, protocol: UDP, port: 53}
-EOF
+  for ep in "$@"; do echo "- {addresses: [\"$ep\"], nodeName: be, conditions: {ready: true}}"; done
+  printf 'ports:\n- {name: %s, protocol: %s, port: %s}\n' "$port_name" "$proto" "$port"
 }
 
 http_ip() { [[ $1 == direct ]] && echo "$EP1" || echo "$VIP_HTTP"; }
