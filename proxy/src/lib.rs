@@ -46,7 +46,7 @@ pub use crate::{
 pub struct ProxyConfig {
     /// How long connections survive the removal of their endpoint or listener, and shutdown.
     pub drain_timeout: Duration,
-    /// Bound on UDP flows per listener.
+    /// Bound on UDP flows per listener (with workers, each worker's socket holds its share).
     pub max_udp_flows: usize,
     /// Which frontends this process serves.
     pub filter: Arc<dyn FrontendFilter>,

@@ -462,19 +462,14 @@ impl Manager {
         let addr = key.1;
         let bind_error = |source| (name.clone(), Error::Bind { addr, source });
         let handoff = &self.config.handoff;
-        let sockets = match protocol {
-            Protocol::Udp => match handoff.take(SocketKey::udp(addr)) {
-                Some(socket) => vec![socket],
-                None => vec![bind(protocol, addr, binding.freebind).map_err(bind_error)?],
-            },
-            _ => {
-                let inherited = handoff.take_all(SocketKey::tcp(addr));
-                if inherited.is_empty() {
-                    vec![bind(protocol, addr, binding.freebind).map_err(bind_error)?]
-                } else {
-                    inherited
-                }
-            }
+        let inherited = handoff.take_all(match protocol {
+            Protocol::Udp => SocketKey::udp(addr),
+            _ => SocketKey::tcp(addr),
+        });
+        let sockets = if inherited.is_empty() {
+            vec![bind(protocol, addr, binding.freebind).map_err(bind_error)?]
+        } else {
+            inherited
         };
         let local = sockets[0]
             .local_addr()
@@ -492,23 +487,7 @@ impl Manager {
             binding.hold,
         );
         let stop = CancellationToken::new();
-        let spawned = match protocol {
-            Protocol::Udp => sockets
-                .into_iter()
-                .map(|socket| {
-                    let registration = handoff.register(socket.as_fd())?;
-                    let socket = UdpSocket::from_std(socket.into())?;
-                    state.tasks.spawn(udp::serve(
-                        socket,
-                        state.clone(),
-                        self.config.max_udp_flows,
-                        stop.clone(),
-                    ));
-                    Ok(registration)
-                })
-                .collect(),
-            _ => self.serve_tcp(sockets, local, binding.freebind, &state, &stop),
-        };
+        let spawned = self.serve(protocol, sockets, local, binding.freebind, &state, &stop);
         let registrations = match spawned {
             Ok(registrations) => registrations,
             Err(source) => {
@@ -519,14 +498,20 @@ impl Manager {
         Ok(Running { port, binding, state, stop, local, _registrations: registrations })
     }
 
-    /// Serves TCP on `sockets` (bound to `local`; one, or those inherited from a predecessor):
-    /// on this runtime, or with workers on each of them, binding one more socket per further
-    /// worker in the `SO_REUSEPORT` group (bound to `local`, so a port-0 bind gives one port).
-    /// Inherited sockets beyond one per runtime are shared out, so none is left without an accept
-    /// loop. All sockets are bound and registered before any accept loop starts, so a failure
-    /// leaves nothing running.
-    fn serve_tcp(
+    /// Serves `protocol` on `sockets` (bound to `local`; one, or those inherited from a
+    /// predecessor): on this runtime, or with workers on each of them, binding one more socket per
+    /// further worker in the `SO_REUSEPORT` group (bound to `local`, so a port-0 bind gives one
+    /// port). Inherited sockets beyond one per runtime are shared out, so none is left without a
+    /// loop. All sockets are bound and registered before any loop starts, so a failure leaves
+    /// nothing running.
+    ///
+    /// The kernel picks a group member by a hash of the peer's address and port: a TCP connection
+    /// is accepted by one worker, and all datagrams of a UDP client reach the same socket, whose
+    /// recv loop keeps that client's flow. Each UDP socket holds at most its share of
+    /// `max_udp_flows`.
+    fn serve(
         &self,
+        protocol: Protocol,
         mut sockets: Vec<Socket>,
         local: SocketAddr,
         freebind: bool,
@@ -545,18 +530,30 @@ impl Manager {
             }
         };
         while sockets.len() < runtimes.len() {
-            sockets.push(bind(Protocol::Tcp, local, freebind)?);
+            sockets.push(bind(protocol, local, freebind)?);
         }
+        let max_flows = self.config.max_udp_flows.div_ceil(sockets.len());
         let mut registrations = Vec::with_capacity(sockets.len());
-        let mut listeners = Vec::with_capacity(sockets.len());
+        let mut loops = Vec::with_capacity(sockets.len());
         for (socket, runtime) in sockets.into_iter().zip(runtimes.iter().cycle()) {
             registrations.push(self.config.handoff.register(socket.as_fd())?);
-            // Registered with the reactor of the runtime that accepts on it.
+            // Registered with the reactor of the runtime that serves it.
             let _entered = runtime.enter();
-            listeners.push((tcp::listener(socket)?, runtime));
+            let socket = match protocol {
+                Protocol::Udp => Bound::Udp(UdpSocket::from_std(socket.into())?),
+                _ => Bound::Tcp(tcp::listener(socket)?),
+            };
+            loops.push((socket, runtime));
         }
-        for (listener, runtime) in listeners {
-            state.tasks.spawn_on(tcp::serve(listener, state.clone(), stop.clone()), runtime);
+        for (socket, runtime) in loops {
+            match socket {
+                Bound::Tcp(listener) => {
+                    state.tasks.spawn_on(tcp::serve(listener, state.clone(), stop.clone()), runtime)
+                }
+                Bound::Udp(socket) => {
+                    state.tasks.spawn_on(udp::serve(socket, state.clone(), max_flows, stop.clone()), runtime)
+                }
+            };
         }
         Ok(registrations)
     }
@@ -650,6 +647,12 @@ fn collect_checked(checks: &Checks, upstreams: &Upstreams, out: &mut Vec<Arc<End
     for pool in upstreams.pools() {
         out.extend(pool.endpoints().iter().filter(|s| checks.is_checked(s)).cloned());
     }
+}
+
+/// A frontend socket registered with its runtime, before its loop starts.
+enum Bound {
+    Tcp(tcp::Listener),
+    Udp(UdpSocket),
 }
 
 /// A non-blocking frontend socket: `SO_REUSEADDR`, `SO_REUSEPORT`, `IPV6_V6ONLY` for v6,

@@ -268,18 +268,34 @@ async fn snapshot_change_keeps_established_connections() {
     echo_roundtrip(&mut s, b"three").await;
 }
 
-/// Listening TCP sockets on 127.0.0.1 at `port`, from `/proc/net/tcp` (state `0A`, LISTEN).
-fn listening_sockets(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+/// Frontend sockets on 127.0.0.1 at `port`: listening TCP sockets from `/proc/net/tcp` (state
+/// `0A`, LISTEN), or unconnected UDP sockets from `/proc/net/udp` (state `07`).
+fn frontend_sockets(protocol: Protocol, port: u16) -> usize {
+    let (path, state) = match protocol {
+        Protocol::Udp => ("/proc/net/udp", "07"),
+        _ => ("/proc/net/tcp", "0A"),
+    };
+    let table = std::fs::read_to_string(path).expect(path);
     let local = format!("0100007F:{port:04X}");
     table
         .lines()
         .skip(1)
         .filter(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A")
+            fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&state)
         })
         .count()
+}
+
+fn with_workers(n: usize) -> Harness {
+    Harness {
+        index: Index::new(None),
+        mgr: Manager::new(ProxyConfig {
+            drain_timeout: DEADLINE,
+            workers: Some(crate::Workers::start(n).expect("workers")),
+            ..ProxyConfig::default()
+        }),
+    }
 }
 
 /// With two data-plane workers a TCP listener is two sockets on one port (one `SO_REUSEPORT`
@@ -291,20 +307,12 @@ fn listening_sockets(port: u16) -> usize {
 #[tokio::test]
 async fn workers_each_accept_on_their_own_socket() {
     let (a, _ta) = echo_backend().await;
-    let workers = crate::Workers::start(2).expect("workers");
-    let mut h = Harness {
-        index: Index::new(None),
-        mgr: Manager::new(ProxyConfig {
-            drain_timeout: DEADLINE,
-            workers: Some(workers),
-            ..ProxyConfig::default()
-        }),
-    };
+    let mut h = with_workers(2);
     let l = listener("web", "127.0.0.1:0", Protocol::Tcp, &[a]);
     let key = l.key.clone();
     h.set(l);
     let proxy = h.addr(Protocol::Tcp, "127.0.0.1:0");
-    assert_eq!(listening_sockets(proxy.port()), 2, "one socket per worker");
+    assert_eq!(frontend_sockets(Protocol::Tcp, proxy.port()), 2, "one socket per worker");
     let mut open = Vec::new();
     for i in 0..32u8 {
         let mut s = TcpStream::connect(proxy).await.expect("connect");
@@ -315,7 +323,7 @@ async fn workers_each_accept_on_their_own_socket() {
     h.apply();
     // Each worker closes its socket when its accept loop sees the stop.
     let start = Instant::now();
-    while listening_sockets(proxy.port()) > 0 {
+    while frontend_sockets(Protocol::Tcp, proxy.port()) > 0 {
         assert!(start.elapsed() < DEADLINE, "both sockets closed");
         tokio::task::yield_now().await;
     }
@@ -325,6 +333,37 @@ async fn workers_each_accept_on_their_own_socket() {
     );
     for s in &mut open {
         echo_roundtrip(s, b"still served").await;
+    }
+}
+
+/// With two workers a UDP listener is two sockets on one port too, each with its own recv loop
+/// and flow table. The kernel hashes each client to one socket, so every datagram of a client
+/// reaches the same flow (the endpoint sees one source port per client), and if either worker did
+/// not serve, about half of these clients would get no reply. Removing the listener closes both.
+#[tokio::test]
+async fn workers_each_serve_udp_on_their_own_socket() {
+    let (backend, _task) = udp_backend(1).await;
+    let mut h = with_workers(2);
+    let l = udp_listener(&[backend], Duration::from_secs(30));
+    let key = l.key.clone();
+    h.set(l);
+    let proxy = h.addr(Protocol::Udp, "127.0.0.1:0");
+    assert_eq!(frontend_sockets(Protocol::Udp, proxy.port()), 2, "one socket per worker");
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let first = udp_ask(&c, proxy, b"port?").await;
+        assert_eq!(udp_ask(&c, proxy, b"port?").await, first, "a client keeps its flow");
+        clients.push((c, first));
+    }
+    let flows: std::collections::HashSet<_> = clients.iter().map(|(_, port)| port.clone()).collect();
+    assert_eq!(flows.len(), clients.len(), "one flow per client");
+    h.index.delete_listener(&key);
+    h.apply();
+    let start = Instant::now();
+    while frontend_sockets(Protocol::Udp, proxy.port()) > 0 {
+        assert!(start.elapsed() < DEADLINE, "both sockets closed");
+        tokio::task::yield_now().await;
     }
 }
 

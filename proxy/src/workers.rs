@@ -2,7 +2,9 @@
 //!
 //! With workers, the [`Manager`](crate::Manager) binds every TCP listener once per worker, all
 //! sockets in one `SO_REUSEPORT` group, and each worker accepts on its own socket and runs the
-//! connections it accepted to their end on its own reactor. The kernel spreads new connections
+//! connections it accepted to their end on its own reactor. A UDP listener is bound once per
+//! worker as well; the kernel hashes each client to one socket of the group, so the client's flow
+//! lives in that worker's table and its replies are relayed by that worker. The kernel spreads new connections
 //! over the group by a hash of their addresses. So a connection never changes threads, and no
 //! thread wakes another for it: tokio's work-stealing scheduler, by contrast, runs a woken task on
 //! whichever thread polled the reactor, and an idle thread steals from a busy one. With 2 threads
@@ -10,8 +12,8 @@
 //! made as many as nginx and 3-10 % more than HAProxy (`benches/README.md`). This is how HAProxy
 //! and nginx run their threads and workers.
 //!
-//! UDP listeners, health checks and the control plane stay on the runtime that drives the
-//! manager. Without workers (`--worker-threads 1`) TCP listeners run there too.
+//! Health checks and the control plane stay on the runtime that drives the manager. Without
+//! workers (`--worker-threads 1`) TCP and UDP listeners run there too.
 //!
 //! Ownership: the binary starts the workers and hands clones to the manager (through
 //! [`ProxyConfig`](crate::ProxyConfig)). The threads stop when the last clone is dropped; tasks
