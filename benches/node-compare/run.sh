@@ -26,7 +26,7 @@
 #
 # Tests (load from ns cl under `timeout`): bulk1 / bulk8 = iperf3 -P1 / -P8; ka = wrk -t2 -c64 keep-alive;
 # close = the same with `Connection: close` (new connections per second). HTTP cells get WARMUP s of wrk first.
-# udp = dnsperf -c 4 -q 200 (4 client sockets, 200 queries outstanding) against the DNS ClusterIP: UDP
+# udp = dnsperf -c DNS_CLIENTS -q 200 (4 client sockets by default, 200 queries outstanding) against the DNS ClusterIP: UDP
 # datagrams per second through the ClusterIP, as a cluster's DNS traffic takes (WARMUP s first).
 #
 # PIN=split (default): client tools and backends on CPU_LOAD (0), the proxy on CPU_NODE (1), RPS puts
@@ -47,6 +47,7 @@
 #   FERRY_BUILT_FROM  free text for the report header (e.g. the commit FERRY_BIN was built from)
 #   IPTABLES_RESTORE [iptables-restore]  (iptables-legacy-restore for x_tables)
 #   OUT [mktemp -d /tmp/nodebench.XXXXXX]  PIN [split] CPU_LOAD [0] CPU_NODE [1] WARMUP [1]
+#   DNS_CLIENTS [4]  dnsperf's client sockets in the udp test (each is one flow / conntrack entry)
 #   PROXY_THREADS [1]  HAProxy nbthread, nginx worker_processes and ferry --worker-threads (the
 #     backends keep one worker); more than 1 only makes sense with PIN=none
 #   QUIET_PCT [15] QUIET_SECS [2] QUIET_MAX [10] (per cell) QUIET_BUDGET [60] (whole run, seconds)
@@ -92,7 +93,7 @@ WRK_CONNS=64
 VIP_HTTP=10.96.0.10
 VIP_BULK=10.96.0.11
 VIP_DNS=10.96.0.12
-DNS_CLIENTS=4
+DNS_CLIENTS=${DNS_CLIENTS:-4}
 DNS_OUTSTANDING=200
 EP1=10.10.2.11
 EP2=10.10.2.12
@@ -1045,7 +1046,7 @@ FOREIGN_KPPS_MAX=$FOREIGN_KPPS
 # === report ===
 
 report() {
-  awk -F'\t' -v contenders="$CONTENDERS" -v tests="$TESTS" '
+  awk -F'\t' -v contenders="$CONTENDERS" -v tests="$TESTS" -v dnsclients="$DNS_CLIENTS" '
     function median(key,   n, i, j, v, tmp) {
       n = cnt[key]; if (n == 0) return ""
       for (i = 1; i <= n; i++) v[i] = vals[key, i]
@@ -1132,7 +1133,7 @@ report() {
           row("close: machine CPU per connection (load + node), µs ↓", t, "mach", "%.1f", -1)
           row("close: node CPU busy, %", t, "nodepct", "%.0f", 0)
         } else if (t == "udp") {
-          row("UDP: DNS queries through the ClusterIP (dnsperf -c4 -q200), queries/s ↑", t, "value", "%.0f", 1)
+          row("UDP: DNS queries through the ClusterIP (dnsperf -c" dnsclients " -q200), queries/s ↑", t, "value", "%.0f", 1)
           row("UDP: mean latency, ms ↓", t, "p99", "%.3f", -1)
           row("UDP: node CPU per query, µs ↓", t, "node", "%.2f", -1)
           row("UDP: proxy process CPU per query, µs ↓", t, "proxy", "%.2f", -1)
