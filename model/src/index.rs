@@ -573,7 +573,7 @@ fn make_port(
         session_affinity: input.session_affinity,
         health_check: None,
         passive_health: PassiveHealth::default(),
-        timeouts: Timeouts::default(),
+        timeouts: Timeouts { udp_responses: input.udp_responses, ..Timeouts::default() },
         zero_copy: input.zero_copy,
         proxy_protocol: input.proxy_protocol,
         internal_traffic_policy: itp,

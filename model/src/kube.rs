@@ -69,6 +69,9 @@ pub const BALANCING_ANNOTATION: &str = "ferry.ethercluster.io/balancing";
 pub const PROXY_PROTOCOL_ANNOTATION: &str = "ferry.ethercluster.io/proxy-protocol";
 /// Annotation that turns off `splice(2)` for bulk TCP data (`"false"`; on by default).
 pub const ZERO_COPY_ANNOTATION: &str = "ferry.ethercluster.io/zero-copy";
+/// Annotation giving the replies an endpoint sends per client datagram (`"1"` for DNS): UDP flows
+/// end once answered ([`Timeouts::udp_responses`](crate::Timeouts::udp_responses)).
+pub const UDP_RESPONSES_ANNOTATION: &str = "ferry.ethercluster.io/udp-responses";
 
 /// Whether a proxy named `proxy_name` handles an object with these labels.
 ///
@@ -193,6 +196,8 @@ pub(crate) struct ServiceInput {
     pub(crate) balancing: Balancing,
     pub(crate) zero_copy: bool,
     pub(crate) proxy_protocol: bool,
+    /// [`UDP_RESPONSES_ANNOTATION`]: a positive count, else `None`.
+    pub(crate) udp_responses: Option<u32>,
     /// `spec.externalName` of an ExternalName Service, without a trailing dot.
     pub(crate) external_name: Option<Arc<str>>,
     /// `spec.publishNotReadyAddresses`.
@@ -353,6 +358,13 @@ impl ServiceInput {
             .as_ref()
             .and_then(|a| a.get(PROXY_PROTOCOL_ANNOTATION))
             .is_some_and(|v| v.eq_ignore_ascii_case("v2"));
+        let udp_responses = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(UDP_RESPONSES_ANNOTATION))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|n| *n > 0);
         let external_name = match kind {
             ServiceKind::ExternalName => spec
                 .and_then(|s| s.external_name.as_deref())
@@ -380,6 +392,7 @@ impl ServiceInput {
             balancing,
             zero_copy,
             proxy_protocol,
+            udp_responses,
         }
     }
 }

@@ -86,6 +86,9 @@ pub struct ListenerSpec {
     /// Idle timeout of a UDP flow, in seconds (default 30).
     #[serde(default)]
     pub udp_idle_timeout_seconds: Option<f64>,
+    /// Replies per client datagram; a UDP flow ends once answered (default: not counted).
+    #[serde(default)]
+    pub udp_responses: Option<u32>,
     /// Move bulk TCP data with `splice(2)` (default false).
     #[serde(default)]
     pub zero_copy: Option<bool>,
@@ -356,6 +359,10 @@ impl Listener {
         };
         let udp_idle =
             seconds("spec.udpIdleTimeoutSeconds", spec.udp_idle_timeout_seconds, defaults.udp_idle)?;
+        let udp_responses = match spec.udp_responses {
+            Some(0) => return Err(field_err("spec.udpResponses", "must be at least 1")),
+            n => n,
+        };
         Ok(ValidListener {
             key: ServiceKey::new(namespace, name),
             address,
@@ -365,7 +372,7 @@ impl Listener {
             session_affinity,
             health_check,
             passive_health,
-            timeouts: Timeouts { connect, connect_attempts, udp_idle },
+            timeouts: Timeouts { connect, connect_attempts, udp_idle, udp_responses },
             zero_copy: spec.zero_copy.unwrap_or(false),
         })
     }

@@ -212,11 +212,22 @@ pub struct Timeouts {
     /// A UDP flow with no datagram in either direction for this long is forgotten.
     #[serde(with = "duration_millis")]
     pub udp_idle: Duration,
+    /// Replies the endpoint sends per client datagram, for request/response protocols such as DNS
+    /// (nginx's `proxy_responses`). When set, a UDP flow ends once every datagram its client sent
+    /// has had this many replies, instead of idling for `udp_idle`; the client's next datagram
+    /// starts a new flow. `None`: replies are not counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_responses: Option<u32>,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect: Duration::from_secs(1), connect_attempts: 3, udp_idle: Duration::from_secs(30) }
+        Self {
+            connect: Duration::from_secs(1),
+            connect_attempts: 3,
+            udp_idle: Duration::from_secs(30),
+            udp_responses: None,
+        }
     }
 }
 

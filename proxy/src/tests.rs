@@ -37,6 +37,7 @@ fn listener(name: &str, addr: &str, protocol: Protocol, backends: &[SocketAddr])
             connect: Duration::from_millis(500),
             connect_attempts: 3,
             udp_idle: Duration::from_secs(30),
+            udp_responses: None,
         },
         zero_copy: true,
     }
@@ -535,6 +536,55 @@ async fn udp_bursts_from_several_clients_keep_each_clients_order() {
             assert_eq!(&buf[..n], format!("\u{7}{c}:{i}").as_bytes(), "client {c}, datagram {i}");
         }
     }
+}
+
+/// With `udp_responses: 1` (a Service annotated for DNS), a flow that has answered every datagram
+/// of its client ends at the next sweep, so its upstream socket closes and the same client's next
+/// query opens a new flow (the endpoint sees a new source port). A flow still owed a reply is
+/// kept. Without the setting the flow stays for its idle timeout: the ports stay equal.
+#[tokio::test]
+async fn udp_flows_that_owe_no_reply_end_with_udp_responses() {
+    let counted = |backend, responses| {
+        let mut h = Harness::new(DEADLINE);
+        let mut l = udp_listener(&[backend], Duration::from_secs(30));
+        l.timeouts.udp_responses = responses;
+        h.set(l);
+        let proxy = h.addr(Protocol::Udp, "127.0.0.1:0");
+        (h, proxy)
+    };
+    let (backend, _task) = udp_backend(1).await;
+    let (_h, proxy) = counted(backend, Some(1));
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let first = udp_ask(&client, proxy, b"port?").await;
+    // The sweep runs every second here (half the idle timeout, at most 1 s).
+    let start = Instant::now();
+    loop {
+        let again = udp_ask(&client, proxy, b"port?").await;
+        if again != first {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the answered flow never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A flow whose reply is still due survives the sweeps until the reply has gone out.
+    let (slow, mut arrived, _slow_task) = slow_udp_backend(2, Duration::from_millis(1500)).await;
+    let (_h, slow_proxy) = counted(slow, Some(1));
+    let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    c.send_to(b"late", slow_proxy).await.expect("send");
+    tokio::time::timeout(DEADLINE, arrived.recv()).await.expect("query reached the backend");
+    let mut buf = [0u8; 64];
+    let (n, from) =
+        tokio::time::timeout(DEADLINE, c.recv_from(&mut buf)).await.expect("reply in time").expect("recv");
+    assert_eq!((&buf[..n], from), (&b"\x02late"[..], slow_proxy), "the owed reply was relayed");
+
+    // Without the setting, the flow stays: the same port after more than a sweep period.
+    let (plain, _plain_task) = udp_backend(3).await;
+    let (_h, plain_proxy) = counted(plain, None);
+    let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let kept = udp_ask(&c, plain_proxy, b"port?").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(udp_ask(&c, plain_proxy, b"port?").await, kept, "the flow idles for udp_idle");
 }
 
 /// A UDP backend that answers each datagram with `[id] ++ data` after `delay`, and reports each

@@ -8,7 +8,10 @@
 //! Invariants:
 //! - Datagrams pass unchanged: buffers hold 65,536 bytes, more than any UDP payload.
 //! - A flow idle (no datagram either way) for the port's `udp_idle` is dropped by a sweep that
-//!   runs inside the recv loop.
+//!   runs inside the recv loop. With `udp_responses` (request/response protocols such as DNS),
+//!   the sweep also drops a flow that owes its client no reply: every datagram the client sent
+//!   has had that many replies. So a client that uses a new source port per query (glibc's
+//!   resolver does) holds a socket for at most one sweep period (1 s), not for `udp_idle`.
 //! - A flow whose endpoint left the pool is re-picked on its next datagram (the pool the client is
 //!   routed to now: see [`Upstreams::route`]).
 //! - A client the routes drop (source ranges, Local policy without local endpoints) gets no flow;
@@ -47,6 +50,7 @@ use std::{
 };
 
 use ferry_lb::Lease;
+use ferry_model::Timeouts;
 use tokio::{io::Interest, net::UdpSocket, task::AbortHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -77,6 +81,8 @@ struct FlowShared {
     last: AtomicU64,
     /// Whether the last datagram was the client's: its reply may still come.
     awaits_reply: AtomicBool,
+    /// Replies still owed to the client, counted only with `udp_responses`.
+    owed: AtomicU64,
 }
 
 struct Flow {
@@ -120,9 +126,9 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, max_flows: usiz
             biased;
             () = stop.cancelled() => break,
             () = &mut sweep => {
-                let idle = state.upstreams().pool().port().timeouts.udp_idle;
-                expire(&mut flows, now_ms(epoch), idle);
-                sweep.as_mut().reset(tokio::time::Instant::now() + sweep_period(idle));
+                let timeouts = state.upstreams().pool().port().timeouts;
+                expire(&mut flows, now_ms(epoch), &timeouts);
+                sweep.as_mut().reset(tokio::time::Instant::now() + sweep_period(timeouts.udp_idle));
             }
             r = socket.async_io(Interest::READABLE, || DATAGRAMS.with_borrow_mut(|b| b.recv(fd, pktinfo))) => match r {
                 // Same poll as the receive: no other task has used the buffer since.
@@ -177,14 +183,20 @@ fn enable_pktinfo(socket: &UdpSocket) -> bool {
     false
 }
 
-fn expire(flows: &mut HashMap<SocketAddr, Flow>, now: u64, idle: Duration) {
-    let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    flows.retain(|_, f| now.saturating_sub(f.shared.last.load(Ordering::Relaxed)) < idle);
+/// Drops idle flows, and with `udp_responses` the flows that owe no reply.
+fn expire(flows: &mut HashMap<SocketAddr, Flow>, now: u64, timeouts: &Timeouts) {
+    let idle = u64::try_from(timeouts.udp_idle.as_millis()).unwrap_or(u64::MAX);
+    let answered_end = timeouts.udp_responses.is_some();
+    flows.retain(|_, f| {
+        now.saturating_sub(f.shared.last.load(Ordering::Relaxed)) < idle
+            && !(answered_end && f.shared.owed.load(Ordering::Relaxed) == 0)
+    });
 }
 
-/// Makes room for one more flow: idle flows first, then the least recently active eighth.
-fn make_room(flows: &mut HashMap<SocketAddr, Flow>, max_flows: usize, now: u64, idle: Duration) {
-    expire(flows, now, idle);
+/// Makes room for one more flow: idle (or answered) flows first, then the least recently active
+/// eighth.
+fn make_room(flows: &mut HashMap<SocketAddr, Flow>, max_flows: usize, now: u64, timeouts: &Timeouts) {
+    expire(flows, now, timeouts);
     if flows.len() < max_flows {
         return;
     }
@@ -221,6 +233,7 @@ fn on_batch(
             }
         }
     }
+    let responses = state.upstreams().pool().port().timeouts.udp_responses;
     let mut data: [&[u8]; BATCH] = [&[]; BATCH];
     for &(client, bits) in &clients[..groups] {
         let Some(client) = client else { continue };
@@ -233,7 +246,10 @@ fn on_batch(
             n += 1;
         }
         if let Some(flow) = flow_for(client, local, frontend, state, flows, max_flows, epoch) {
-            send_upstream(flow, &data[..n], client, state, epoch);
+            let sent = send_upstream(flow, &data[..n], client, state, epoch);
+            if let Some(replies) = responses {
+                flow.shared.owed.fetch_add(sent as u64 * u64::from(replies), Ordering::Relaxed);
+            }
         }
     }
 }
@@ -266,7 +282,7 @@ fn flow_for<'a>(
     };
     if !valid {
         if flows.len() >= max_flows {
-            make_room(flows, max_flows, now_ms(epoch), upstreams.pool().port().timeouts.udp_idle);
+            make_room(flows, max_flows, now_ms(epoch), &upstreams.pool().port().timeouts);
         }
         let flow = new_flow(client, local, frontend, state, &upstreams, epoch)?;
         flows.insert(client, flow);
@@ -274,9 +290,17 @@ fn flow_for<'a>(
     flows.get(&client)
 }
 
-/// Sends `data` (one client's datagrams, in order) on the flow's upstream socket. A datagram the
-/// kernel refuses is dropped and counted in the debug log; UDP promises no delivery.
-fn send_upstream(flow: &Flow, mut data: &[&[u8]], client: SocketAddr, state: &ListenerState, epoch: Instant) {
+/// Sends `data` (one client's datagrams, in order) on the flow's upstream socket; returns how many
+/// went out. A datagram the kernel refuses is dropped and counted in the debug log; UDP promises
+/// no delivery.
+fn send_upstream(
+    flow: &Flow,
+    mut data: &[&[u8]],
+    client: SocketAddr,
+    state: &ListenerState,
+    epoch: Instant,
+) -> usize {
+    let mut total = 0;
     // A direct send: tokio's `try_send` would report WouldBlock on a socket the reactor has
     // not yet seen writable, dropping the first datagram of every flow.
     let fd = flow.shared.upstream.as_raw_fd();
@@ -290,13 +314,14 @@ fn send_upstream(flow: &Flow, mut data: &[&[u8]], client: SocketAddr, state: &Li
                 state.metrics.datagrams_rx.increment(n as u64);
                 state.metrics.rx.increment(bytes as u64);
                 data = &data[n..];
+                total += n;
                 retried = false;
             }
             // A stale ICMP error from an earlier datagram; this one has not been sent yet.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !retried => retried = true,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 tracing::debug!(listener = %state.name(), %client, endpoint = %flow.lease.addr(), dropped = data.len(), "send buffer full; datagrams dropped");
-                return;
+                return total;
             }
             Err(error) => {
                 tracing::debug!(listener = %state.name(), %client, endpoint = %flow.lease.addr(), %error, "datagram dropped");
@@ -305,6 +330,7 @@ fn send_upstream(flow: &Flow, mut data: &[&[u8]], client: SocketAddr, state: &Li
             }
         }
     }
+    total
 }
 
 fn new_flow(
@@ -337,6 +363,7 @@ fn new_flow(
         upstream,
         last: AtomicU64::new(now_ms(epoch)),
         awaits_reply: AtomicBool::new(true),
+        owed: AtomicU64::new(0),
     });
     let task =
         state.tasks.spawn(reply(shared.clone(), frontend.clone(), client, local, state.clone(), epoch));
@@ -399,6 +426,10 @@ async fn reply(
                         let bytes: usize = data[..sent].iter().map(|d| d.len()).sum();
                         shared.last.store(now_ms(epoch), Ordering::Relaxed);
                         shared.awaits_reply.store(false, Ordering::Relaxed);
+                        // Saturating: a reply beyond the count owes nothing back.
+                        let _ = shared.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |owed| {
+                            Some(owed.saturating_sub(sent as u64))
+                        });
                         state.metrics.datagrams_tx.increment(sent as u64);
                         state.metrics.tx.increment(bytes as u64);
                         data = &data[sent..];

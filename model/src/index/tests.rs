@@ -78,6 +78,20 @@ fn slice_before_service() {
 }
 
 #[test]
+fn udp_responses_annotation_reaches_the_ports_timeouts() {
+    let mut index = Index::new(None);
+    index.apply_service(&svc(json!({
+        "metadata": {"namespace": "ns", "name": "dns",
+                     "annotations": {kube::UDP_RESPONSES_ANNOTATION: "1"}},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}
+    })));
+    let s = index.build();
+    let port = s.lookup(&FrontendKey::Addr(Protocol::Udp, sa("10.96.0.10:53"))).expect("frontend");
+    assert_eq!(port.timeouts.udp_responses, Some(1));
+    assert_eq!(port.timeouts.udp_idle, Timeouts::default().udp_idle, "the idle timeout is unchanged");
+}
+
+#[test]
 fn identical_apply_is_not_dirty_and_keeps_version() {
     let mut index = Index::new(None);
     index.apply_service(&cluster_ip_svc("web", "10.96.0.1"));

@@ -136,6 +136,26 @@ fn zero_copy_annotation() {
 }
 
 #[test]
+fn udp_responses_annotation() {
+    let with = |v: &str| {
+        ServiceInput::from_service(&svc(json!({
+            "metadata": {"name": "a", "annotations": {UDP_RESPONSES_ANNOTATION: v}},
+            "spec": {"clusterIP": "10.96.0.2", "ports": [{"port": 53, "protocol": "UDP"}]}
+        })))
+        .udp_responses
+    };
+    assert_eq!(with("1"), Some(1));
+    assert_eq!(with(" 2 "), Some(2));
+    assert_eq!(with("0"), None, "zero would end every flow at once");
+    assert_eq!(with("one"), None);
+    let plain = ServiceInput::from_service(&svc(json!({
+        "metadata": {"name": "a"},
+        "spec": {"clusterIP": "10.96.0.2", "ports": [{"port": 53, "protocol": "UDP"}]}
+    })));
+    assert_eq!(plain.udp_responses, None, "replies are not counted by default");
+}
+
+#[test]
 fn affinity_timeout_explicit_and_capped() {
     let with = |t: i64| {
         ServiceInput::from_service(&svc(json!({

@@ -139,6 +139,19 @@ fn bad_backend_is_named_by_index() {
 }
 
 #[test]
+fn zero_udp_responses_is_named() {
+    let dir = TempDir::new();
+    dir.write(
+        "x.yaml",
+        &format!("{}  protocol: UDP\n  udpResponses: 0\n", listener("dns", "127.0.0.1:53", "10.0.0.1:53")),
+    );
+    let p = problems(&dir);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].field.as_deref(), Some("spec.udpResponses"), "{p:?}");
+    assert!(p[0].to_string().contains("must be at least 1"), "{}", p[0]);
+}
+
+#[test]
 fn bad_kubernetes_field_is_named() {
     let dir = TempDir::new();
     dir.write(
