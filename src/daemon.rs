@@ -25,7 +25,7 @@ use ferry_watch::{
     ClientConfig, FileSource, FileSourceOptions, KubeSource, KubeSourceOptions, ReloadHandle, Snapshots,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::{net::TcpListener, signal::unix::SignalKind, task::JoinHandle};
+use tokio::{signal::unix::SignalKind, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -170,7 +170,6 @@ impl Daemon {
         for (i, address) in std::iter::once(&run.admin_address).chain(extra_admin).enumerate() {
             let (listener, registration) = handoff
                 .tcp_listener(*address)
-                .and_then(|(l, r)| Ok((TcpListener::from_std(l)?, r)))
                 .with_context(|| format!("binding the admin address {address}"))?;
             registrations.push(registration);
             let local = listener.local_addr().context("reading the admin address")?;

@@ -15,7 +15,7 @@ use ferry_dns::{DnsConfig, SnapshotFeed, Sockets, Upstreams};
 use ferry_model::{DnsKind, FrontendKey, ServiceKey, ServicePort, Snapshot};
 use ferry_proxy::{Binding, FrontendFilter, Handoff, handoff::Registration};
 use ferry_watch::{ClientConfig, KubeSourceOptions};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -120,7 +120,7 @@ pub(crate) fn bind(
             };
             tracing::info!(address = %bound, "dns listening");
             sockets.udp.push(udp);
-            sockets.tcp.push(TcpListener::from_std(tcp).context("registering the DNS TCP socket")?);
+            sockets.tcp.push(tcp);
             registrations.extend([udp_registration, tcp_registration]);
             break;
         }

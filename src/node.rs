@@ -33,7 +33,6 @@ use ferry_proxy::{
     node::{NodeConfig, NodeFrontends},
 };
 use ferry_watch::{ClientConfig, KubeSourceOptions};
-use tokio::net::TcpListener;
 
 use crate::{
     cli::NodeArgs,
@@ -120,7 +119,6 @@ async fn serve(args: NodeArgs) -> anyhow::Result<()> {
     let (healthz, _healthz_registration) = daemon
         .handoff()
         .tcp_listener(args.healthz_bind_address)
-        .and_then(|(l, r)| Ok((TcpListener::from_std(l)?, r)))
         .with_context(|| format!("binding --healthz-bind-address {}", args.healthz_bind_address))?;
     let health_stop = daemon.shutdown.child_token();
     tokio::spawn(HealthzServer::new(health.clone()).serve(healthz, health_stop.clone()));

@@ -255,13 +255,13 @@ impl Handoff {
         Ok(Registration { handoff: Some((self.clone(), id)) })
     }
 
-    /// A listening TCP socket on `addr`, registered: the inherited one as the predecessor left
-    /// it, or a new non-blocking one bound as Go's `net.Listen` binds (`SO_REUSEADDR`;
-    /// dual-stack for `[::]`).
+    /// A listening TCP socket on `addr`, registered with the handoff and with the current tokio
+    /// runtime (so call it on one): the inherited one as the predecessor left it, or a new
+    /// non-blocking one bound as Go's `net.Listen` binds (`SO_REUSEADDR`; dual-stack for `[::]`).
     pub fn tcp_listener(
         self: &Arc<Self>,
         addr: SocketAddr,
-    ) -> io::Result<(std::net::TcpListener, Registration)> {
+    ) -> io::Result<(tokio::net::TcpListener, Registration)> {
         let socket = match self.take(SocketKey::tcp(addr)) {
             Some(socket) => socket,
             None => {
@@ -279,7 +279,7 @@ impl Handoff {
             }
         };
         let registration = self.register(socket.as_fd())?;
-        Ok((socket.into(), registration))
+        Ok((tokio::net::TcpListener::from_std(socket.into())?, registration))
     }
 
     /// A UDP socket on `addr`, registered: the inherited one as the predecessor left it, or a

@@ -8,10 +8,10 @@
 //! - [`tcp::serve`] / [`udp::serve`]: one already-bound socket and its [`ListenerState`]
 //!   (mini-redis style: tests bind `127.0.0.1:0` themselves).
 //! - [`Workers`]: optional data-plane threads, one current-thread runtime each, that run the
-//!   TCP listeners (one `SO_REUSEPORT` socket per thread) and their connections.
+//!   listeners (one `SO_REUSEPORT` socket per thread), their connections and UDP flows.
 //! - [`Handoff`]: sockets inherited from the process this one replaces, and handed to the next.
-//! - `sys`: the only unsafe code (`splice(2)`, `IP_PKTINFO`, registering std sockets with the
-//!   reactor).
+//! - `sys`: the only unsafe code (`splice(2)`, batched UDP I/O with `IP_PKTINFO`, registering std
+//!   sockets with the reactor).
 
 pub mod error;
 pub mod handoff;
@@ -50,7 +50,7 @@ pub struct ProxyConfig {
     pub max_udp_flows: usize,
     /// Which frontends this process serves.
     pub filter: Arc<dyn FrontendFilter>,
-    /// Data-plane threads for TCP listeners (see [`Workers`]); `None`: TCP is served on the
+    /// Data-plane threads for the listeners (see [`Workers`]); `None`: they are served on the
     /// runtime that runs the [`Manager`].
     pub workers: Option<Workers>,
     /// Sockets inherited from a predecessor, taken before binding, and the registry of served

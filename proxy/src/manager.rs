@@ -29,9 +29,9 @@
 //! Active health checks ([`Checks`]) follow the running listeners' pools: probes start for new
 //! endpoints, stop for removed ones, and restart when a port's check configuration changes.
 //!
-//! A TCP listener runs on the manager's runtime, or with [`Workers`](crate::Workers) in the
-//! config as one socket per worker (one `SO_REUSEPORT` group), each accepting on its worker; a
-//! UDP listener always runs on the manager's runtime. Either way it is one `Running` entry.
+//! A listener (TCP or UDP) runs on the manager's runtime, or with [`Workers`](crate::Workers) in
+//! the config as one socket per worker (one `SO_REUSEPORT` group), each served by its worker.
+//! Either way it is one `Running` entry.
 //! Before binding, a listener takes the sockets a predecessor process served on the same address
 //! ([`Handoff`](crate::Handoff)); its sockets stay registered for a successor while it runs.
 //!

@@ -2,15 +2,17 @@
 //!
 //! With workers, the [`Manager`](crate::Manager) binds every TCP listener once per worker, all
 //! sockets in one `SO_REUSEPORT` group, and each worker accepts on its own socket and runs the
-//! connections it accepted to their end on its own reactor. A UDP listener is bound once per
-//! worker as well; the kernel hashes each client to one socket of the group, so the client's flow
-//! lives in that worker's table and its replies are relayed by that worker. The kernel spreads new connections
+//! connections it accepted to their end on its own reactor. The kernel spreads new connections
 //! over the group by a hash of their addresses. So a connection never changes threads, and no
 //! thread wakes another for it: tokio's work-stealing scheduler, by contrast, runs a woken task on
 //! whichever thread polled the reactor, and an idle thread steals from a busy one. With 2 threads
 //! it made 6-10 % fewer new connections per second than HAProxy and nginx; per-thread runtimes
 //! made as many as nginx and 3-10 % more than HAProxy (`benches/README.md`). This is how HAProxy
 //! and nginx run their threads and workers.
+//!
+//! A UDP listener is bound once per worker as well; the kernel hashes each client to one socket of
+//! the group, so the client's flow lives in that worker's table and its replies are relayed by
+//! that worker.
 //!
 //! Health checks and the control plane stay on the runtime that drives the manager. Without
 //! workers (`--worker-threads 1`) TCP and UDP listeners run there too.

@@ -76,12 +76,16 @@ fn can_connect(path: &Path) -> bool {
 fn tcp_listener(handoff: &Arc<Handoff>) -> (std::net::TcpListener, Registration, SocketAddr) {
     let (listener, registration) = handoff.tcp_listener(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    (listener, registration, addr)
+    (listener.into_std().expect("std listener"), registration, addr)
 }
 
+/// Accepts one connection, blocking. `O_NONBLOCK` lives on the open file, which the other
+/// process's copy shares, so it is restored before returning.
 fn accept(listener: &std::net::TcpListener) -> std::net::TcpStream {
     listener.set_nonblocking(false).expect("blocking");
-    listener.accept().expect("accept").0
+    let accepted = listener.accept().expect("accept").0;
+    listener.set_nonblocking(true).expect("non-blocking again");
+    accepted
 }
 
 #[tokio::test]
@@ -104,6 +108,7 @@ async fn a_successor_takes_the_same_sockets_with_their_queues() {
     assert_eq!(new.inherited(), 2);
     assert!(new.take(SocketKey::tcp("127.0.0.1:1".parse().expect("addr"))).is_none(), "no such socket");
     let (new_tcp, _new_tcp_reg) = new.tcp_listener(tcp_addr).expect("inherited, not bound");
+    let new_tcp = new_tcp.into_std().expect("std listener");
     let (new_udp, _new_udp_reg) = new.udp_socket(udp_addr).expect("inherited, not bound");
     assert_eq!(new.inherited(), 0);
 

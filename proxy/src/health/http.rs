@@ -1,6 +1,6 @@
 //! The HTTP/1 plumbing shared by the health servers and the binary's admin server: an accept
-//! loop on an already-bound listener ([`serve`], [`serve_unix`]), and responses laid out the way Go's `net/http`
-//! writes them.
+//! loop on an already-bound listener ([`serve`], [`serve_unix`]), and responses laid out the way
+//! Go's `net/http` writes them.
 //!
 //! Go writes the handler's headers sorted by name, then `Date`, then `Content-Length`, all in
 //! canonical Title-Case. Hyper writes headers in insertion order, so [`go_response`] inserts them in

@@ -322,11 +322,11 @@ impl ServiceHealthServers {
         for ip in &self.addresses {
             let addr = SocketAddr::new(*ip, port);
             // On failure the listeners bound so far drop here, freeing their ports (kube-proxy's closeAll).
-            let (listener, registration) = self
-                .handoff
-                .tcp_listener(addr)
-                .and_then(|(l, r)| Ok((TcpListener::from_std(l)?, r)))
-                .map_err(|source| BindError { service: state.key.clone(), addr, source })?;
+            let (listener, registration) = self.handoff.tcp_listener(addr).map_err(|source| BindError {
+                service: state.key.clone(),
+                addr,
+                source,
+            })?;
             listeners.push(listener);
             registrations.push(registration);
         }
