@@ -240,10 +240,18 @@ fn parse_path(path: &str) -> Option<Target> {
     })
 }
 
+/// The 503 every request gets while the test keeps the server unavailable (counted).
+fn unavailable(shared: &Shared) -> Option<Response<Body>> {
+    if !shared.unavailable.load(Ordering::SeqCst) {
+        return None;
+    }
+    shared.rejected.fetch_add(1, Ordering::SeqCst);
+    Some(status(503, "ServiceUnavailable", "the server is currently unable to handle the request"))
+}
+
 fn route(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
-    if shared.unavailable.load(Ordering::SeqCst) {
-        shared.rejected.fetch_add(1, Ordering::SeqCst);
-        return status(503, "ServiceUnavailable", "the server is currently unable to handle the request");
+    if let Some(refused) = unavailable(shared) {
+        return refused;
     }
     let authorized = req
         .headers()
@@ -541,6 +549,12 @@ fn start_watch(
         labels,
         fields,
     };
+    // Subscribe to the test controls before the last availability check: a test that makes the
+    // server unavailable and then cuts watches either sees this request refused or sees it cut.
+    let ctl_rx = shared.control.subscribe();
+    if let Some(refused) = unavailable(shared) {
+        return refused;
+    }
     let (tx, rx) = mpsc::channel(64);
     let watch = Watch {
         shared: shared.clone(),
@@ -550,7 +564,7 @@ fn start_watch(
         params,
         tx,
     };
-    tokio::spawn(watch.run());
+    tokio::spawn(watch.run(ctl_rx));
     let mut resp = Response::new(ChannelBody(rx).boxed());
     resp.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("static header"));
     resp

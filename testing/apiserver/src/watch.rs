@@ -131,10 +131,9 @@ impl Watch {
     }
 
     /// Runs the watch until it ends.
-    pub(crate) async fn run(self) {
-        // Subscribe before counting the watch as open: a test that saw it open and then asks for a
-        // cut must find the cut newer than what this watch has seen.
-        let mut ctl_rx = self.shared.control.subscribe();
+    /// `ctl_rx` was subscribed when the request was accepted (before this watch counts as open), so
+    /// a cut asked for after that is newer than what this watch has seen.
+    pub(crate) async fn run(self, mut ctl_rx: watch::Receiver<Control>) {
         let seen: Control = ctl_rx.borrow_and_update().clone();
         let mut rv_rx = self.shared.rv_tx.subscribe();
         rv_rx.borrow_and_update();
