@@ -2,48 +2,64 @@
 //!
 //! An exec readiness probe for the DaemonSet. The admin TCP port is shared with a successor
 //! during a handoff, so an `httpGet` probe may be answered by the other pod's process; the Unix
-//! socket is per pod. Plain blocking std I/O: one request, then exit.
+//! socket is per pod. One HTTP/1.1 request with hyper's client on a single-threaded runtime,
+//! bounded as a whole by `--timeout`, then exit.
 
-use std::{
-    io::{Read as _, Write as _},
-    os::unix::net::UnixStream,
-    process::ExitCode,
-};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{Request, StatusCode, body::Bytes, header};
+use hyper_util::rt::TokioIo;
 
 use crate::cli::ProbeArgs;
 
-/// Runs `ferry probe`: prints the status line (and the body on failure); exit 0 only on 200.
+/// Runs `ferry probe`: prints the status and body (to stderr on failure); exit 0 only on 200.
 pub(crate) fn run(args: &ProbeArgs) -> ExitCode {
-    match get(args) {
-        Ok((status, body)) if status == 200 => {
-            println!("{status} {}", body.trim_end());
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| {
+            rt.block_on(async { tokio::time::timeout(args.timeout, get(args)).await })
+                .map_err(|_| anyhow::anyhow!("no answer within {:?}", args.timeout))?
+        });
+    match answer {
+        Ok((status, body)) if status == StatusCode::OK => {
+            println!("{} {}", status.as_u16(), body.trim_end());
             ExitCode::SUCCESS
         }
         Ok((status, body)) => {
-            eprintln!("ferry probe: {} {}: {status} {}", args.socket.display(), args.path, body.trim_end());
+            eprintln!(
+                "ferry probe: {} {}: {} {}",
+                args.socket.display(),
+                args.path,
+                status.as_u16(),
+                body.trim_end()
+            );
             ExitCode::FAILURE
         }
         Err(error) => {
-            eprintln!("ferry probe: {} {}: {error}", args.socket.display(), args.path);
+            eprintln!("ferry probe: {} {}: {error:#}", args.socket.display(), args.path);
             ExitCode::FAILURE
         }
     }
 }
 
-/// The status code and body of `GET path`.
-fn get(args: &ProbeArgs) -> std::io::Result<(u16, String)> {
-    let mut stream = UnixStream::connect(&args.socket)?;
-    stream.set_read_timeout(Some(args.timeout))?;
-    stream.set_write_timeout(Some(args.timeout))?;
-    write!(stream, "GET {} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n\r\n", args.path)?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let response = String::from_utf8_lossy(&response);
-    let status = response
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP/1.1 response: {response:.80}")))?;
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned();
-    Ok((status, body))
+/// The status and body of `GET path`.
+async fn get(args: &ProbeArgs) -> anyhow::Result<(StatusCode, String)> {
+    let stream = tokio::net::UnixStream::connect(&args.socket).await.context("connecting")?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.context("starting HTTP/1.1")?;
+    let connection = tokio::spawn(connection);
+    let request = Request::get(&args.path)
+        .header(header::HOST, "ferry")
+        .body(Empty::<Bytes>::new())
+        .context("building the request")?;
+    let response = sender.send_request(request).await.context("sending the request")?;
+    let status = response.status();
+    let body = response.into_body().collect().await.context("reading the body")?.to_bytes();
+    drop(sender);
+    connection.abort();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

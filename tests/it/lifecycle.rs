@@ -154,3 +154,25 @@ async fn handoff_socket_moves_listeners_to_a_new_process_with_a_new_config() {
     let (status, _) = new.get("/readyz");
     assert_eq!(status, 200);
 }
+
+#[test]
+fn probe_fails_naming_the_socket_when_nothing_answers_in_time() {
+    let dir = ConfigDir::new();
+    let probe = |socket: &std::path::Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["probe", "--timeout", "300ms", "--socket"])
+            .arg(socket)
+            .output()
+            .expect("run ferry probe");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let missing = dir.path().join("missing.sock");
+    let (ready, err) = probe(&missing);
+    assert!(!ready && err.contains("missing.sock /readyz: connecting"), "{err}");
+
+    // A socket whose process is stuck: the connection is queued, the request never answered.
+    let stuck = dir.path().join("stuck.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&stuck).expect("bind");
+    let (ready, err) = probe(&stuck);
+    assert!(!ready && err.contains("stuck.sock /readyz: no answer within 300ms"), "{err}");
+}
