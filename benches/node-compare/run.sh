@@ -442,26 +442,76 @@ start_iperf_server() {
 
 # === contenders ===
 
-# kube-proxy's iptables mode for the two Services, as `iptables-save` would show it (--cluster-cidr set,
+# The Services of the benchmark, one per line: NAME PORT_NAME CLUSTER_IP PROTOCOL PORT ENDPOINT_IP...
+# (every endpoint serves on PORT). The kernel contenders' rules are generated from this table.
+services() {
+  echo "web http $VIP_HTTP tcp 80 $EP1 $EP2"
+  echo "bulk iperf $VIP_BULK tcp 5201 $EP1"
+  if ((WITH_UDP)); then echo "dns dns $VIP_DNS udp 53 $EP1 $EP2"; fi
+}
+
+# Runs `ARGS... FIELDS...` for each line of `services`, in order.
+each_service() {
+  local line
+  services | while read -r line; do
+    # shellcheck disable=SC2086 # the fields are words
+    "$@" $line
+  done
+}
+
+# Stands in for kube-proxy's hash in a chain name: WORDS in upper case, padded with zeros to LEN.
+fake_hash() {
+  local h=${1^^}
+  h=${h//[^A-Z0-9]/}0000000000000000
+  echo "${h:0:$2}"
+}
+
+# One Service's part of kube-proxy's iptables nat table, as its proxier writes it:
+#   ipt_service chains|jump|rules NAME PORT_NAME CLUSTER_IP PROTOCOL PORT ENDPOINT_IP...
+# chains: its KUBE-SVC and KUBE-SEP chain declarations; jump: its KUBE-SERVICES rule; rules: its
+# KUBE-SVC rules (masquerade from outside the cluster CIDR, then a random pick with kube-proxy's
+# probabilities 1/n, 1/(n-1), ...) and its KUBE-SEP rules (DNAT).
+ipt_service() {
+  local part=$1 name=$2 port_name=$3 vip=$4 proto=$5 port=$6
+  shift 6
+  local n=$# i=0 ip svc sep comment="default/$name:$port_name"
+  svc=KUBE-SVC-$(fake_hash "$name$port_name" 16)
+  case $part in
+  chains)
+    echo ":$svc - [0:0]"
+    for ip in "$@"; do
+      i=$((i + 1))
+      echo ":KUBE-SEP-$(fake_hash "$name$i" 16) - [0:0]"
+    done
+    ;;
+  jump)
+    echo "-A KUBE-SERVICES -d $vip/32 -p $proto -m comment --comment \"$comment cluster IP\" -m $proto --dport $port -j $svc"
+    ;;
+  rules)
+    echo "-A $svc ! -s $CLUSTER_CIDR -d $vip/32 -p $proto -m comment --comment \"$comment cluster IP\" -m $proto --dport $port -j KUBE-MARK-MASQ"
+    for ip in "$@"; do
+      i=$((i + 1))
+      sep=KUBE-SEP-$(fake_hash "$name$i" 16)
+      if ((i < n)); then
+        echo "-A $svc -m comment --comment \"$comment -> $ip:$port\" -m statistic --mode random --probability $(awk -v k=$((n - i + 1)) 'BEGIN { printf "%.11f", 1 / k }') -j $sep"
+      else
+        echo "-A $svc -m comment --comment \"$comment -> $ip:$port\" -j $sep"
+      fi
+    done
+    i=0
+    for ip in "$@"; do
+      i=$((i + 1))
+      sep=KUBE-SEP-$(fake_hash "$name$i" 16)
+      echo "-A $sep -s $ip/32 -m comment --comment \"$comment\" -j KUBE-MARK-MASQ"
+      echo "-A $sep -p $proto -m comment --comment \"$comment\" -m $proto -j DNAT --to-destination $ip:$port"
+    done
+    ;;
+  esac
+}
+
+# kube-proxy's iptables mode for the Services, as `iptables-save` would show it (--cluster-cidr set,
 # so traffic from outside the cluster CIDR is marked for masquerade; our client is inside it).
 write_iptables_rules() {
-  local svc_web=KUBE-SVC-WEBHTTP0000000000 svc_bulk=KUBE-SVC-BULKIPERF00000000
-  local sep1=KUBE-SEP-WEB1000000000000 sep2=KUBE-SEP-WEB2000000000000 sep3=KUBE-SEP-BULK100000000000
-  local svc_dns=KUBE-SVC-DNSUDP00000000000 sep4=KUBE-SEP-DNS1000000000000 sep5=KUBE-SEP-DNS2000000000000
-  local dns_chains='' dns_rules=''
-  if ((WITH_UDP)); then
-    dns_chains=":$svc_dns - [0:0]
-:$sep4 - [0:0]
-:$sep5 - [0:0]"
-    dns_rules="-A KUBE-SERVICES -d $VIP_DNS/32 -p udp -m comment --comment \"default/dns:dns cluster IP\" -m udp --dport 53 -j $svc_dns
--A $svc_dns ! -s $CLUSTER_CIDR -d $VIP_DNS/32 -p udp -m comment --comment \"default/dns:dns cluster IP\" -m udp --dport 53 -j KUBE-MARK-MASQ
--A $svc_dns -m comment --comment \"default/dns:dns -> $EP1:53\" -m statistic --mode random --probability 0.50000000000 -j $sep4
--A $svc_dns -m comment --comment \"default/dns:dns -> $EP2:53\" -j $sep5
--A $sep4 -s $EP1/32 -m comment --comment \"default/dns:dns\" -j KUBE-MARK-MASQ
--A $sep4 -p udp -m comment --comment \"default/dns:dns\" -m udp -j DNAT --to-destination $EP1:53
--A $sep5 -s $EP2/32 -m comment --comment \"default/dns:dns\" -j KUBE-MARK-MASQ
--A $sep5 -p udp -m comment --comment \"default/dns:dns\" -m udp -j DNAT --to-destination $EP2:53"
-  fi
   cat >"$W/iptables.rules" <<EOF
 *filter
 :KUBE-EXTERNAL-SERVICES - [0:0]
@@ -493,12 +543,7 @@ COMMIT
 :KUBE-NODEPORTS - [0:0]
 :KUBE-POSTROUTING - [0:0]
 :KUBE-SERVICES - [0:0]
-:$svc_web - [0:0]
-:$svc_bulk - [0:0]
-:$sep1 - [0:0]
-:$sep2 - [0:0]
-:$sep3 - [0:0]
-$dns_chains
+$(each_service ipt_service chains)
 -A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
 -A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
 -A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
@@ -506,58 +551,58 @@ $dns_chains
 -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
 -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
 -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
--A KUBE-SERVICES -d $VIP_HTTP/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j $svc_web
--A KUBE-SERVICES -d $VIP_BULK/32 -p tcp -m comment --comment "default/bulk:iperf cluster IP" -m tcp --dport 5201 -j $svc_bulk
+$(each_service ipt_service jump)
 -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
--A $svc_web ! -s $CLUSTER_CIDR -d $VIP_HTTP/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ
--A $svc_web -m comment --comment "default/web:http -> $EP1:80" -m statistic --mode random --probability 0.50000000000 -j $sep1
--A $svc_web -m comment --comment "default/web:http -> $EP2:80" -j $sep2
--A $sep1 -s $EP1/32 -m comment --comment "default/web:http" -j KUBE-MARK-MASQ
--A $sep1 -p tcp -m comment --comment "default/web:http" -m tcp -j DNAT --to-destination $EP1:80
--A $sep2 -s $EP2/32 -m comment --comment "default/web:http" -j KUBE-MARK-MASQ
--A $sep2 -p tcp -m comment --comment "default/web:http" -m tcp -j DNAT --to-destination $EP2:80
--A $svc_bulk ! -s $CLUSTER_CIDR -d $VIP_BULK/32 -p tcp -m comment --comment "default/bulk:iperf cluster IP" -m tcp --dport 5201 -j KUBE-MARK-MASQ
--A $svc_bulk -m comment --comment "default/bulk:iperf -> $EP1:5201" -j $sep3
--A $sep3 -s $EP1/32 -m comment --comment "default/bulk:iperf" -j KUBE-MARK-MASQ
--A $sep3 -p tcp -m comment --comment "default/bulk:iperf" -m tcp -j DNAT --to-destination $EP1:5201
-$dns_rules
+$(each_service ipt_service rules)
 COMMIT
 EOF
+
   sed -i '/^$/d' "$W/iptables.rules"
   # The nfacct match needs a kernel module that may be missing; kube-proxy drops it then too.
   printf '*filter\nCOMMIT\n*nat\nCOMMIT\n' >"$W/iptables.empty"
 }
 
-# kube-proxy's nftables mode (pkg/proxy/nftables) for the two Services.
-write_nft_rules() {
-  local web=service-WEBHTTP0-default/web/tcp/http bulk=service-BULKIPRF-default/bulk/tcp/iperf
-  local e1=endpoint-EP1WEB00-default/web/tcp/http__$EP1/80 e2=endpoint-EP2WEB00-default/web/tcp/http__$EP2/80
-  local e3=endpoint-EP1BULK0-default/bulk/tcp/iperf__$EP1/5201
-  local dns=service-DNSUDP00-default/dns/udp/dns e4=endpoint-EP1DNS00-default/dns/udp/dns__$EP1/53
-  local e5=endpoint-EP2DNS00-default/dns/udp/dns__$EP2/53
-  local dns_ip='' dns_elem='' dns_chains=''
-  if ((WITH_UDP)); then
-    dns_ip=", $VIP_DNS" dns_elem=", $VIP_DNS . udp . 53 : goto $dns"
-    dns_chains="  chain $dns {
-    ip daddr $VIP_DNS udp dport 53 ip saddr != $CLUSTER_CIDR jump mark-for-masquerade
-    numgen random mod 2 vmap { 0 : goto $e4, 1 : goto $e5 }
-  }
-  chain $e4 {
-    ip saddr $EP1 jump mark-for-masquerade
-    meta l4proto udp dnat to $EP1:53
-  }
-  chain $e5 {
-    ip saddr $EP2 jump mark-for-masquerade
-    meta l4proto udp dnat to $EP2:53
-  }"
+# One Service's part of kube-proxy's nftables table (pkg/proxy/nftables):
+#   nft_service element|chains NAME PORT_NAME CLUSTER_IP PROTOCOL PORT ENDPOINT_IP...
+# element: its entry in the service-ips map; chains: its service chain (masquerade from outside the
+# cluster CIDR, then a numgen pick) and one endpoint chain per endpoint (DNAT).
+nft_service() {
+  local part=$1 name=$2 port_name=$3 vip=$4 proto=$5 port=$6
+  shift 6
+  local chain ip i=0 vmap='' endpoints=()
+  chain="service-$(fake_hash "$name$port_name" 8)-default/$name/$proto/$port_name"
+  if [[ $part == element ]]; then
+    echo "$vip . $proto . $port : goto $chain"
+    return
   fi
+  for ip in "$@"; do
+    i=$((i + 1))
+    endpoints+=("endpoint-$(fake_hash "$name$i" 8)-default/$name/$proto/${port_name}__$ip/$port")
+    vmap+="${vmap:+, }$((i - 1)) : goto ${endpoints[i - 1]}"
+  done
+  echo "  chain $chain {"
+  echo "    ip daddr $vip $proto dport $port ip saddr != $CLUSTER_CIDR jump mark-for-masquerade"
+  echo "    numgen random mod $# vmap { $vmap }"
+  echo "  }"
+  i=0
+  for ip in "$@"; do
+    echo "  chain ${endpoints[i]} {"
+    echo "    ip saddr $ip jump mark-for-masquerade"
+    echo "    meta l4proto $proto dnat to $ip:$port"
+    echo "  }"
+    i=$((i + 1))
+  done
+}
+
+# kube-proxy's nftables mode for the Services.
+write_nft_rules() {
   cat >"$W/nft.rules" <<EOF
 table ip kube-proxy {
   comment "rules for kube-proxy"
   set cluster-ips {
     type ipv4_addr
     comment "Active ClusterIPs"
-    elements = { $VIP_HTTP, $VIP_BULK$dns_ip }
+    elements = { $(services | awk '{print $3}' | paste -sd, | sed 's/,/, /g') }
   }
   set nodeport-ips {
     type ipv4_addr
@@ -583,7 +628,7 @@ table ip kube-proxy {
   map service-ips {
     type ipv4_addr . inet_proto . inet_service : verdict
     comment "ClusterIP, ExternalIP and LoadBalancer IP traffic"
-    elements = { $VIP_HTTP . tcp . 80 : goto $web, $VIP_BULK . tcp . 5201 : goto $bulk$dns_elem }
+    elements = { $(each_service nft_service element | paste -sd, | sed 's/,/, /g') }
   }
   chain filter-prerouting {
     type filter hook prerouting priority -110; policy accept;
@@ -644,27 +689,7 @@ table ip kube-proxy {
     ip daddr . meta l4proto . th dport vmap @service-ips
     ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports
   }
-  chain $web {
-    ip daddr $VIP_HTTP tcp dport 80 ip saddr != $CLUSTER_CIDR jump mark-for-masquerade
-    numgen random mod 2 vmap { 0 : goto $e1, 1 : goto $e2 }
-  }
-  chain $e1 {
-    ip saddr $EP1 jump mark-for-masquerade
-    meta l4proto tcp dnat to $EP1:80
-  }
-  chain $e2 {
-    ip saddr $EP2 jump mark-for-masquerade
-    meta l4proto tcp dnat to $EP2:80
-  }
-  chain $bulk {
-    ip daddr $VIP_BULK tcp dport 5201 ip saddr != $CLUSTER_CIDR jump mark-for-masquerade
-    numgen random mod 1 vmap { 0 : goto $e3 }
-  }
-  chain $e3 {
-    ip saddr $EP1 jump mark-for-masquerade
-    meta l4proto tcp dnat to $EP1:5201
-  }
-$dns_chains
+$(each_service nft_service chains)
 }
 EOF
 }
@@ -873,14 +898,14 @@ parse_wrk() { # sets OK VALUE P99 UNITS ERRORS
 }
 
 parse_dnsperf() { # sets OK VALUE P99 (here: the mean latency) UNITS ERRORS
-  local f=$1 qps done mean
+  local f=$1 qps completed mean
   qps=$(awk '/Queries per second:/ { print $4 }' "$f")
-  done=$(awk '/Queries completed:/ { print $3 }' "$f")
+  completed=$(awk '/Queries completed:/ { print $3 }' "$f")
   mean=$(awk '/Average Latency \(s\):/ { printf "%.3f", $4 * 1000 }' "$f")
   ERRORS=$(awk '/Queries lost:/ { print $3 + 0 }' "$f")
   ERRORS=${ERRORS:-0}
-  if [[ -n $qps && -n $done && -n $mean && $done -gt 0 ]]; then
-    OK=1 VALUE=$qps UNITS=$done P99=$mean
+  if [[ -n $qps && -n $completed && -n $mean && $completed -gt 0 ]]; then
+    OK=1 VALUE=$qps UNITS=$completed P99=$mean
   else
     OK=0 VALUE=0 UNITS=0 P99=0
   fi

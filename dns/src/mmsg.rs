@@ -4,7 +4,7 @@
 //! The only `unsafe` code of the crate. Invariants the calls rely on:
 //! - Every `iovec` points into a buffer owned by [`RecvBatch`] (or a borrowed reply slice) that
 //!   outlives the call, with its true length.
-//! - Every `msg_name` points to a `sockaddr_storage` (receive) or a `SockAddr` (send) that
+//! - Every `msg_name` points to a `SockAddrStorage` (receive) or a `SockAddr` (send) that
 //!   outlives the call, with its true length.
 //! - Results are read only for the `n` entries the kernel reports as filled.
 #![allow(unsafe_code)]
@@ -12,12 +12,12 @@
 use std::{
     io,
     mem::{self, MaybeUninit},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     ptr,
 };
 
-use socket2::SockAddr;
+use socket2::{SockAddr, SockAddrStorage};
 
 /// Datagrams received or sent per system call, at most.
 pub(crate) const BATCH: usize = 32;
@@ -25,8 +25,7 @@ pub(crate) const BATCH: usize = 32;
 /// Receive buffers for one batch.
 pub(crate) struct RecvBatch {
     bufs: Vec<Vec<u8>>,
-    addrs: Vec<libc::sockaddr_storage>,
-    addr_lens: [libc::socklen_t; BATCH],
+    from: [Option<SocketAddr>; BATCH],
     lens: [usize; BATCH],
     truncated: [bool; BATCH],
     filled: usize,
@@ -37,9 +36,7 @@ impl RecvBatch {
     pub(crate) fn new(size: usize) -> Self {
         Self {
             bufs: (0..BATCH).map(|_| vec![0u8; size]).collect(),
-            // SAFETY: `sockaddr_storage` is plain old data; all zeroes is a valid (unspecified) value.
-            addrs: (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect(),
-            addr_lens: [0; BATCH],
+            from: [None; BATCH],
             lens: [0; BATCH],
             truncated: [false; BATCH],
             filled: 0,
@@ -51,6 +48,7 @@ impl RecvBatch {
     pub(crate) fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         self.filled = 0;
         let mut iovs: [MaybeUninit<libc::iovec>; BATCH] = [const { MaybeUninit::uninit() }; BATCH];
+        let mut names: [SockAddrStorage; BATCH] = std::array::from_fn(|_| SockAddrStorage::zeroed());
         let mut hdrs: [libc::mmsghdr; BATCH] =
             // SAFETY: `mmsghdr` is plain old data; all zeroes is valid (null pointers, zero lengths).
             unsafe { mem::zeroed() };
@@ -60,8 +58,8 @@ impl RecvBatch {
                 iov_len: self.bufs[i].len(),
             });
             let h = &mut hdrs[i].msg_hdr;
-            h.msg_name = ptr::from_mut(&mut self.addrs[i]).cast();
-            h.msg_namelen = socklen::<libc::sockaddr_storage>();
+            h.msg_namelen = names[i].size_of();
+            h.msg_name = ptr::from_mut(&mut names[i]).cast();
             h.msg_iov = ptr::from_mut(iov);
             h.msg_iovlen = 1;
         }
@@ -77,9 +75,10 @@ impl RecvBatch {
             )
         };
         let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-        for (i, h) in hdrs.iter().enumerate().take(n) {
+        for (i, (h, name)) in hdrs.iter().zip(names).enumerate().take(n) {
             self.lens[i] = h.msg_len as usize;
-            self.addr_lens[i] = h.msg_hdr.msg_namelen;
+            // SAFETY: the kernel wrote a socket address of `msg_namelen` bytes into the zeroed slot.
+            self.from[i] = unsafe { SockAddr::new(name, h.msg_hdr.msg_namelen) }.as_socket();
             self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
         }
         self.filled = n;
@@ -92,8 +91,7 @@ impl RecvBatch {
         if i >= self.filled {
             return None;
         }
-        let addr = socket_addr(&self.addrs[i], self.addr_lens[i]);
-        Some((&self.bufs[i][..self.lens[i].min(self.bufs[i].len())], self.truncated[i], addr))
+        Some((&self.bufs[i][..self.lens[i].min(self.bufs[i].len())], self.truncated[i], self.from[i]))
     }
 }
 
@@ -137,35 +135,6 @@ pub(crate) fn send_all(socket: &UdpSocket, replies: &[(&[u8], SocketAddr)]) -> u
         }
     }
     sent
-}
-
-/// The IP socket address the kernel wrote into `storage` (`len` bytes), if it is one.
-fn socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
-    match libc::c_int::from(storage.ss_family) {
-        libc::AF_INET if len >= socklen::<libc::sockaddr_in>() => {
-            // SAFETY: the family says the storage holds a `sockaddr_in`, the length covers it, and
-            // `sockaddr_storage` is large and aligned enough for every socket address type.
-            let a = unsafe { &*ptr::from_ref(storage).cast::<libc::sockaddr_in>() };
-            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(a.sin_port))))
-        }
-        libc::AF_INET6 if len >= socklen::<libc::sockaddr_in6>() => {
-            // SAFETY: as above, for `sockaddr_in6`.
-            let a = unsafe { &*ptr::from_ref(storage).cast::<libc::sockaddr_in6>() };
-            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                ip,
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
-}
-
-fn socklen<T>() -> libc::socklen_t {
-    libc::socklen_t::try_from(mem::size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
 }
 
 #[cfg(test)]

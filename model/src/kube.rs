@@ -340,29 +340,17 @@ impl ServiceInput {
             .and_then(|s| s.health_check_node_port)
             .and_then(port16)
             .filter(|_| &*service_type == "LoadBalancer" && external_traffic_policy == TrafficPolicy::Local);
-        let balancing = match svc.metadata.annotations.as_ref().and_then(|a| a.get(BALANCING_ANNOTATION)) {
-            Some(b) if b == "RoundRobin" => Balancing::RoundRobin,
-            Some(b) if b == "LeastConnections" => Balancing::LeastConnections,
-            Some(b) if b == "Maglev" => Balancing::Maglev,
+        let annotation = |name: &str| svc.metadata.annotations.as_ref()?.get(name).map(String::as_str);
+        let balancing = match annotation(BALANCING_ANNOTATION) {
+            Some("RoundRobin") => Balancing::RoundRobin,
+            Some("LeastConnections") => Balancing::LeastConnections,
+            Some("Maglev") => Balancing::Maglev,
             _ => Balancing::Random,
         };
-        let zero_copy = svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ZERO_COPY_ANNOTATION))
-            .is_none_or(|v| v != "false");
-        let proxy_protocol = svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(PROXY_PROTOCOL_ANNOTATION))
-            .is_some_and(|v| v.eq_ignore_ascii_case("v2"));
-        let udp_responses = svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(UDP_RESPONSES_ANNOTATION))
+        let zero_copy = annotation(ZERO_COPY_ANNOTATION) != Some("false");
+        let proxy_protocol =
+            annotation(PROXY_PROTOCOL_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("v2"));
+        let udp_responses = annotation(UDP_RESPONSES_ANNOTATION)
             .and_then(|v| v.trim().parse::<u32>().ok())
             .filter(|n| *n > 0);
         let external_name = match kind {

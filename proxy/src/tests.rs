@@ -50,10 +50,17 @@ struct Harness {
 
 impl Harness {
     fn new(drain: Duration) -> Self {
-        Self {
-            index: Index::new(None),
-            mgr: Manager::new(ProxyConfig { drain_timeout: drain, ..ProxyConfig::default() }),
-        }
+        Self::with(ProxyConfig { drain_timeout: drain, ..ProxyConfig::default() })
+    }
+
+    /// With `n` data-plane workers.
+    fn with_workers(n: usize) -> Self {
+        let workers = crate::Workers::start(n).expect("workers");
+        Self::with(ProxyConfig { drain_timeout: DEADLINE, workers: Some(workers), ..ProxyConfig::default() })
+    }
+
+    fn with(config: ProxyConfig) -> Self {
+        Self { index: Index::new(None), mgr: Manager::new(config) }
     }
 
     fn set(&mut self, l: ValidListener) -> Arc<Snapshot> {
@@ -298,17 +305,6 @@ async fn frontend_sockets_closed(protocol: Protocol, port: u16) {
     }
 }
 
-fn with_workers(n: usize) -> Harness {
-    Harness {
-        index: Index::new(None),
-        mgr: Manager::new(ProxyConfig {
-            drain_timeout: DEADLINE,
-            workers: Some(crate::Workers::start(n).expect("workers")),
-            ..ProxyConfig::default()
-        }),
-    }
-}
-
 /// With two data-plane workers a TCP listener is two sockets on one port (one `SO_REUSEPORT`
 /// group), and each worker accepts on its own. The kernel hashes each new connection to one of
 /// the two, so if either worker did not accept, about half of these connections would go
@@ -318,7 +314,7 @@ fn with_workers(n: usize) -> Harness {
 #[tokio::test]
 async fn workers_each_accept_on_their_own_socket() {
     let (a, _ta) = echo_backend().await;
-    let mut h = with_workers(2);
+    let mut h = Harness::with_workers(2);
     let l = listener("web", "127.0.0.1:0", Protocol::Tcp, &[a]);
     let key = l.key.clone();
     h.set(l);
@@ -349,7 +345,7 @@ async fn workers_each_accept_on_their_own_socket() {
 #[tokio::test]
 async fn workers_each_serve_udp_on_their_own_socket() {
     let (backend, _task) = udp_backend(1).await;
-    let mut h = with_workers(2);
+    let mut h = Harness::with_workers(2);
     let l = udp_listener(&[backend], Duration::from_secs(30));
     let key = l.key.clone();
     h.set(l);

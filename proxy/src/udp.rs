@@ -18,10 +18,10 @@
 //!   its datagrams are discarded and counted (`ferry_listener_dropped_total`).
 //! - The table holds at most `max_flows`; when full, idle flows go first, then the oldest eighth.
 //! - When the listener stops (removed, shutdown, or handed to a successor process), no datagram
-//!   is read any more, but a flow whose last datagram was the client's keeps its reply task until
-//!   the endpoint's reply has gone out, for at most [`REPLY_WAIT`] (or the port's idle timeout if
-//!   shorter, or until the drain ends): a query in flight at a restart is answered. Every other
-//!   flow is dropped at once.
+//!   is read any more, but a flow still owed a reply (fewer replies relayed than datagrams sent,
+//!   times `udp_responses` when set) keeps its reply task until they have gone out, for at most
+//!   [`REPLY_WAIT`] (or the port's idle timeout if shorter, or until the drain ends): a query in
+//!   flight at a restart is answered. Every other flow is dropped at once.
 //! - I/O is batched (`recvmmsg`/`sendmmsg`, see `sys::mmsg`): the recv loop takes up to 32
 //!   queued datagrams per system call and sends each flow's share of them in one call; a reply
 //!   task moves up to 32 queued replies per pair of calls. Datagrams of one client keep their
@@ -44,7 +44,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -79,9 +79,9 @@ struct FlowShared {
     upstream: UdpSocket,
     /// Milliseconds since the listener's epoch of the last datagram in either direction.
     last: AtomicU64,
-    /// Whether the last datagram was the client's: its reply may still come.
-    awaits_reply: AtomicBool,
-    /// Replies still owed to the client, counted only with `udp_responses`.
+    /// Replies still owed to the client: each datagram it sent adds the port's `udp_responses` (1
+    /// when unset), each reply relayed takes one off, never below 0. The drain waits for flows
+    /// that are owed a reply; with `udp_responses` set, the sweep ends flows that are owed none.
     owed: AtomicU64,
 }
 
@@ -152,7 +152,7 @@ pub async fn serve(socket: UdpSocket, state: Arc<ListenerState>, max_flows: usiz
     loop {
         let now = now_ms(epoch);
         flows.retain(|_, f| {
-            f.shared.awaits_reply.load(Ordering::Relaxed)
+            f.shared.owed.load(Ordering::Relaxed) > 0
                 && now.saturating_sub(f.shared.last.load(Ordering::Relaxed)) < wait_ms
         });
         if flows.is_empty() {
@@ -220,23 +220,22 @@ fn on_batch(
     epoch: Instant,
 ) {
     // Clients of this batch, each with a bit per datagram of theirs (BATCH <= 32).
-    let mut clients: [(Option<SocketAddr>, u32); BATCH] = [(None, 0); BATCH];
+    let mut clients = [(SocketAddr::from(([0, 0, 0, 0], 0)), 0u32); BATCH];
     let mut groups = 0;
     for i in 0..BATCH {
         let Some((_, from, _)) = batch.get(i) else { break };
         let Some(from) = from else { continue };
-        match clients[..groups].iter_mut().find(|(c, _)| *c == Some(from)) {
+        match clients[..groups].iter_mut().find(|(c, _)| *c == from) {
             Some((_, bits)) => *bits |= 1 << i,
             None => {
-                clients[groups] = (Some(from), 1 << i);
+                clients[groups] = (from, 1 << i);
                 groups += 1;
             }
         }
     }
-    let responses = state.upstreams().pool().port().timeouts.udp_responses;
+    let owed_per_datagram = u64::from(state.upstreams().pool().port().timeouts.udp_responses.unwrap_or(1));
     let mut data: [&[u8]; BATCH] = [&[]; BATCH];
     for &(client, bits) in &clients[..groups] {
-        let Some(client) = client else { continue };
         let mut n = 0;
         let mut local = None;
         for i in (0..BATCH).filter(|i| bits & (1 << i) != 0) {
@@ -246,10 +245,7 @@ fn on_batch(
             n += 1;
         }
         if let Some(flow) = flow_for(client, local, frontend, state, flows, max_flows, epoch) {
-            let sent = send_upstream(flow, &data[..n], client, state, epoch);
-            if let Some(replies) = responses {
-                flow.shared.owed.fetch_add(sent as u64 * u64::from(replies), Ordering::Relaxed);
-            }
+            send_upstream(flow, &data[..n], owed_per_datagram, client, state, epoch);
         }
     }
 }
@@ -290,47 +286,29 @@ fn flow_for<'a>(
     flows.get(&client)
 }
 
-/// Sends `data` (one client's datagrams, in order) on the flow's upstream socket; returns how many
-/// went out. A datagram the kernel refuses is dropped and counted in the debug log; UDP promises
-/// no delivery.
+/// Sends `data` (one client's datagrams, in order) on the flow's upstream socket; each datagram
+/// sent makes the flow owed `owed_per_datagram` more replies. A datagram the kernel refuses is
+/// dropped, with a debug log; UDP promises no delivery.
 fn send_upstream(
     flow: &Flow,
-    mut data: &[&[u8]],
+    data: &[&[u8]],
+    owed_per_datagram: u64,
     client: SocketAddr,
     state: &ListenerState,
     epoch: Instant,
-) -> usize {
-    let mut total = 0;
+) {
     // A direct send: tokio's `try_send` would report WouldBlock on a socket the reactor has
     // not yet seen writable, dropping the first datagram of every flow.
-    let fd = flow.shared.upstream.as_raw_fd();
-    let mut retried = false;
-    while !data.is_empty() {
-        match mmsg::send(fd, data, None, None) {
-            Ok(n) => {
-                let bytes: usize = data[..n].iter().map(|d| d.len()).sum();
-                flow.shared.last.store(now_ms(epoch), Ordering::Relaxed);
-                flow.shared.awaits_reply.store(true, Ordering::Relaxed);
-                state.metrics.datagrams_rx.increment(n as u64);
-                state.metrics.rx.increment(bytes as u64);
-                data = &data[n..];
-                total += n;
-                retried = false;
-            }
-            // A stale ICMP error from an earlier datagram; this one has not been sent yet.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !retried => retried = true,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                tracing::debug!(listener = %state.name(), %client, endpoint = %flow.lease.addr(), dropped = data.len(), "send buffer full; datagrams dropped");
-                return total;
-            }
-            Err(error) => {
-                tracing::debug!(listener = %state.name(), %client, endpoint = %flow.lease.addr(), %error, "datagram dropped");
-                data = &data[1..];
-                retried = false;
-            }
-        }
+    let sent = mmsg::send_all(flow.shared.upstream.as_raw_fd(), data, None, None);
+    if sent.datagrams > 0 {
+        flow.shared.last.store(now_ms(epoch), Ordering::Relaxed);
+        flow.shared.owed.fetch_add(sent.datagrams as u64 * owed_per_datagram, Ordering::Relaxed);
+        state.metrics.datagrams_rx.increment(sent.datagrams as u64);
+        state.metrics.rx.increment(sent.bytes as u64);
     }
-    total
+    if let Some(error) = sent.error {
+        tracing::debug!(listener = %state.name(), %client, endpoint = %flow.lease.addr(), dropped = sent.dropped, %error, "datagrams dropped");
+    }
 }
 
 fn new_flow(
@@ -359,12 +337,8 @@ fn new_flow(
             return None;
         }
     };
-    let shared = Arc::new(FlowShared {
-        upstream,
-        last: AtomicU64::new(now_ms(epoch)),
-        awaits_reply: AtomicBool::new(true),
-        owed: AtomicU64::new(0),
-    });
+    let shared =
+        Arc::new(FlowShared { upstream, last: AtomicU64::new(now_ms(epoch)), owed: AtomicU64::new(0) });
     let task =
         state.tasks.spawn(reply(shared.clone(), frontend.clone(), client, local, state.clone(), epoch));
     state.metrics.connections.increment(1);
@@ -419,30 +393,18 @@ async fn reply(
             for (i, d) in data.iter_mut().enumerate().take(n) {
                 *d = batch.get(i).map_or(&[], |(bytes, _, _)| bytes);
             }
-            let mut data = &data[..n];
-            while !data.is_empty() {
-                match mmsg::send(frontend, data, Some(&to), local) {
-                    Ok(sent) => {
-                        let bytes: usize = data[..sent].iter().map(|d| d.len()).sum();
-                        shared.last.store(now_ms(epoch), Ordering::Relaxed);
-                        shared.awaits_reply.store(false, Ordering::Relaxed);
-                        // Saturating: a reply beyond the count owes nothing back.
-                        let _ = shared.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |owed| {
-                            Some(owed.saturating_sub(sent as u64))
-                        });
-                        state.metrics.datagrams_tx.increment(sent as u64);
-                        state.metrics.tx.increment(bytes as u64);
-                        data = &data[sent..];
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        tracing::debug!(listener = %state.name(), %client, dropped = data.len(), "send buffer full; replies dropped");
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::debug!(listener = %state.name(), %client, %error, "reply dropped");
-                        data = &data[1..];
-                    }
-                }
+            let sent = mmsg::send_all(frontend, &data[..n], Some(&to), local);
+            if sent.datagrams > 0 {
+                shared.last.store(now_ms(epoch), Ordering::Relaxed);
+                // Saturating: a reply beyond the count owes nothing back.
+                let _ = shared.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |owed| {
+                    Some(owed.saturating_sub(sent.datagrams as u64))
+                });
+                state.metrics.datagrams_tx.increment(sent.datagrams as u64);
+                state.metrics.tx.increment(sent.bytes as u64);
+            }
+            if let Some(error) = sent.error {
+                tracing::debug!(listener = %state.name(), %client, dropped = sent.dropped, %error, "replies dropped");
             }
         });
     }

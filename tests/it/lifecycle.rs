@@ -156,7 +156,7 @@ async fn handoff_socket_moves_listeners_to_a_new_process_with_a_new_config() {
 }
 
 #[test]
-fn probe_fails_naming_the_socket_when_nothing_answers_in_time() {
+fn probe_reads_the_answer_and_fails_naming_the_socket_when_nothing_answers_in_time() {
     let dir = ConfigDir::new();
     let probe = |socket: &std::path::Path| {
         let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -164,15 +164,43 @@ fn probe_fails_naming_the_socket_when_nothing_answers_in_time() {
             .arg(socket)
             .output()
             .expect("run ferry probe");
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
+    // An answer with a chunked body (any HTTP/1.1 server may send one): the body, not its framing.
+    let chunked = dir.path().join("chunked.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&chunked).expect("bind");
+    let server = std::thread::spawn(move || {
+        use std::io::{BufRead as _, Write as _};
+        for answer in [
+            "200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nok\n\r\n0\r\n\r\n",
+            "503 Service Unavailable\r\nContent-Length: 10\r\n\r\nnot ready\n",
+        ] {
+            let (conn, _) = listener.accept().expect("accept");
+            let mut reader = std::io::BufReader::new(&conn);
+            let mut line = String::new();
+            while reader.read_line(&mut line).expect("request") > 2 {
+                line.clear();
+            }
+            (&conn).write_all(format!("HTTP/1.1 {answer}").as_bytes()).expect("answer");
+        }
+    });
+    let (ready, out, err) = probe(&chunked);
+    assert!(ready && out == "200 ok\n", "{out:?} {err}");
+    let (ready, _, err) = probe(&chunked);
+    assert!(!ready && err.contains("chunked.sock /readyz: 503 not ready"), "{err}");
+    server.join().expect("server");
+
     let missing = dir.path().join("missing.sock");
-    let (ready, err) = probe(&missing);
+    let (ready, _, err) = probe(&missing);
     assert!(!ready && err.contains("missing.sock /readyz: connecting"), "{err}");
 
     // A socket whose process is stuck: the connection is queued, the request never answered.
     let stuck = dir.path().join("stuck.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&stuck).expect("bind");
-    let (ready, err) = probe(&stuck);
+    let (ready, _, err) = probe(&stuck);
     assert!(!ready && err.contains("stuck.sock /readyz: no answer within 300ms"), "{err}");
 }

@@ -6,20 +6,19 @@
 //! Invariants the calls rely on:
 //! - Every `iovec` points into the [`RecvBatch`]'s own buffer or into a borrowed slice, alive for
 //!   the call, with its true length.
-//! - Every `msg_name` points to a `sockaddr_storage` on the caller's stack or a `SockAddr` alive
+//! - Every `msg_name` points to a `SockAddrStorage` on the caller's stack or a `SockAddr` alive
 //!   for the call, with its true length; every `msg_control` to an aligned [`Control`] buffer.
 //! - Results are read only for the entries the kernel reports as filled.
 #![allow(unsafe_code)]
 
 use std::{
-    io,
-    mem::{self, MaybeUninit},
+    io, mem,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::RawFd,
     ptr,
 };
 
-use socket2::SockAddr;
+use socket2::{SockAddr, SockAddrStorage};
 
 /// Datagrams received or sent per system call, at most.
 pub(crate) const BATCH: usize = 32;
@@ -71,7 +70,7 @@ impl RecvBatch {
     /// when there are none. With `pktinfo`, records each one's destination address too.
     pub(crate) fn recv(&mut self, fd: RawFd, pktinfo: bool) -> io::Result<usize> {
         self.filled = 0;
-        let mut names = [MaybeUninit::<libc::sockaddr_storage>::zeroed(); BATCH];
+        let mut names: [SockAddrStorage; BATCH] = std::array::from_fn(|_| SockAddrStorage::zeroed());
         let mut controls = [Control([0; 64]); BATCH];
         // SAFETY: `iovec` and `mmsghdr` are plain old data; all zeroes is valid (null pointers,
         // zero lengths).
@@ -84,8 +83,8 @@ impl RecvBatch {
             *iov =
                 libc::iovec { iov_base: self.bufs[i * self.slot..].as_mut_ptr().cast(), iov_len: self.slot };
             let h = &mut h.msg_hdr;
-            h.msg_name = name.as_mut_ptr().cast();
-            h.msg_namelen = socklen::<libc::sockaddr_storage>();
+            h.msg_namelen = name.size_of();
+            h.msg_name = ptr::from_mut(name).cast();
             h.msg_iov = ptr::from_mut(iov);
             h.msg_iovlen = 1;
             if pktinfo {
@@ -99,10 +98,10 @@ impl RecvBatch {
             libc::recvmmsg(fd, hdrs.as_mut_ptr(), BATCH as libc::c_uint, libc::MSG_DONTWAIT, ptr::null_mut())
         };
         let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-        for (i, h) in hdrs.iter().enumerate().take(n) {
+        for (i, (h, name)) in hdrs.iter().zip(names).enumerate().take(n) {
             self.lens[i] = (h.msg_len as usize).min(self.slot);
-            // SAFETY: the kernel wrote a sockaddr of `msg_namelen` bytes into the zeroed slot.
-            self.from[i] = socket_addr(unsafe { names[i].assume_init_ref() });
+            // SAFETY: the kernel wrote a socket address of `msg_namelen` bytes into the zeroed slot.
+            self.from[i] = unsafe { SockAddr::new(name, h.msg_hdr.msg_namelen) }.as_socket();
             // SAFETY: `msg_control`/`msg_controllen` describe the control bytes the kernel wrote.
             self.local[i] = if pktinfo { unsafe { destination(&h.msg_hdr) } } else { None };
         }
@@ -114,30 +113,6 @@ impl RecvBatch {
     /// with pktinfo, the local address it was sent to.
     pub(crate) fn get(&self, i: usize) -> Option<(&[u8], Option<SocketAddr>, Option<IpAddr>)> {
         (i < self.filled).then(|| (&self.bufs[i * self.slot..][..self.lens[i]], self.from[i], self.local[i]))
-    }
-}
-
-fn socket_addr(name: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match libc::c_int::from(name.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in, which fits in it.
-            let a: libc::sockaddr_in = unsafe { ptr::read_unaligned(ptr::from_ref(name).cast()) };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                u16::from_be(a.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6, which fits in it.
-            let a: libc::sockaddr_in6 = unsafe { ptr::read_unaligned(ptr::from_ref(name).cast()) };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(a.sin6_addr.s6_addr),
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
     }
 }
 
@@ -223,15 +198,67 @@ fn write_pktinfo(control: &mut Control, from: IpAddr) -> usize {
     space
 }
 
+/// What [`send_all`] did.
+#[derive(Debug, Default)]
+pub(crate) struct Sent {
+    /// Datagrams the kernel took.
+    pub(crate) datagrams: usize,
+    /// Their bytes.
+    pub(crate) bytes: usize,
+    /// Datagrams dropped: refused one by one, or the rest when the send buffer was full.
+    pub(crate) dropped: usize,
+    /// The last error, when something was dropped.
+    pub(crate) error: Option<io::Error>,
+}
+
+/// Sends all of `datagrams`, in order, in as few `sendmmsg` calls as possible (see [`send`]). A
+/// datagram the kernel refuses is dropped and the rest still go; a full send buffer drops the rest
+/// (UDP promises no delivery, and waiting would hold up every other flow of the thread). A
+/// `ECONNREFUSED` reported by a connected socket is a stale ICMP error from an earlier datagram,
+/// not a refusal of this one: the send is tried once more.
+pub(crate) fn send_all(
+    fd: RawFd,
+    mut datagrams: &[&[u8]],
+    to: Option<&SockAddr>,
+    from: Option<IpAddr>,
+) -> Sent {
+    let mut sent = Sent::default();
+    let mut retried = false;
+    while !datagrams.is_empty() {
+        match send(fd, datagrams, to, from) {
+            Ok(n) if n > 0 => {
+                sent.datagrams += n;
+                sent.bytes += datagrams[..n].iter().map(|d| d.len()).sum::<usize>();
+                datagrams = &datagrams[n..];
+                retried = false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && !retried => retried = true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(_) => {
+                sent.dropped += datagrams.len();
+                sent.error = Some(io::ErrorKind::WouldBlock.into());
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sent.dropped += datagrams.len();
+                sent.error = Some(e);
+                break;
+            }
+            Err(e) => {
+                sent.dropped += 1;
+                sent.error = Some(e);
+                datagrams = &datagrams[1..];
+                retried = false;
+            }
+        }
+    }
+    sent
+}
+
 /// Sends the first [`BATCH`] (at most) of `datagrams` in one `sendmmsg` on `fd`: to `to` when
 /// given (else `fd` is connected), from source address `from` when given. Returns how many the
 /// kernel took; an error means the first one was refused (and none was sent).
-pub(crate) fn send(
-    fd: RawFd,
-    datagrams: &[&[u8]],
-    to: Option<&SockAddr>,
-    from: Option<IpAddr>,
-) -> io::Result<usize> {
+fn send(fd: RawFd, datagrams: &[&[u8]], to: Option<&SockAddr>, from: Option<IpAddr>) -> io::Result<usize> {
     let count = datagrams.len().min(BATCH);
     if count == 0 {
         return Ok(0);
